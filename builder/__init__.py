@@ -1,0 +1,1 @@
+"""okome-image: golden SD-card images for the OKOME edge-cache cluster."""

@@ -1,0 +1,54 @@
+"""Role images: one YAML file per role in images/, declaring what goes into the image."""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from builder.errors import UserError
+from builder.yamlfile import load_model
+
+IMAGES_DIR = Path(__file__).resolve().parent.parent / "images"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Base(Strict):
+    suite: str = Field("bookworm", description="Debian release to bootstrap")
+    architecture: Literal["arm64"] = Field("arm64", description="Debian architecture")
+    components: list[str] = Field(["main", "non-free-firmware"],
+                                  description="archive components (raspi-firmware is non-free)")
+
+
+class Layout(Strict):
+    boot_mib: int = Field(256, ge=128, le=1024, description="size of the FAT32 boot partition")
+    root_headroom_mib: int = Field(
+        256, ge=0, description="free space left in the root filesystem beyond its contents")
+
+
+class ImageSpec(Strict):
+    description: str = Field(description="one line: what nodes of this role do")
+    base: Base = Field(Base(), description="the Debian base")
+    stages: list[str] = Field(description="stage folders in stages/, in the order they run")
+    packages: list[str] = Field([], description="role packages, installed with the stages' own")
+    overlays: list[str] = Field(description="overlay trees in overlays/, applied in this order")
+    enable: list[str] = Field([], description="systemd units to enable (overlays may ship them)")
+    disable: list[str] = Field([], description="systemd units that packages enable and we don't")
+    layout: Layout = Field(Layout(), description="partition sizes")
+
+
+def known_roles() -> list[str]:
+    return sorted(p.stem for p in IMAGES_DIR.glob("*.yaml"))
+
+
+def image_spec_path(role: str) -> Path:
+    path = IMAGES_DIR / f"{role}.yaml"
+    if not path.exists():
+        raise UserError(f"unknown role '{role}'", f"known roles: {', '.join(known_roles())}")
+    return path
+
+
+def load_image_spec(role: str) -> ImageSpec:
+    return load_model(image_spec_path(role), ImageSpec)

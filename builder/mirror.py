@@ -1,0 +1,49 @@
+"""The Debian mirror to bootstrap from: the one the build host's apt already uses."""
+
+import re
+from pathlib import Path
+
+from builder.errors import UserError
+
+APT_SOURCES = Path("/etc/apt")
+
+
+def _entries(path: Path) -> list[tuple[str, list[str], list[str]]]:
+    """(URI, suites, components) of each `deb` entry in a .list or deb822 .sources file."""
+    entries = []
+    text = path.read_text(errors="replace")
+    if path.suffix == ".list":
+        for line in text.splitlines():
+            words = re.sub(r"\[[^]]*\]", "", line.split("#", 1)[0]).split()
+            if len(words) >= 3 and words[0] == "deb":
+                entries.append((words[1], [words[2]], words[3:]))
+        return entries
+
+    for stanza in text.split("\n\n"):
+        fields: dict[str, str] = {}
+        for line in stanza.splitlines():
+            if line.startswith("#") or ":" not in line or line[0].isspace():
+                continue
+            key, value = line.split(":", 1)
+            fields[key.strip().lower()] = value.strip()
+        if "deb" not in fields.get("types", "").split():
+            continue
+        if fields.get("enabled", "yes").lower() == "no":
+            continue
+        for uri in fields.get("uris", "").split():
+            entries.append((uri, fields.get("suites", "").split(),
+                            fields.get("components", "").split()))
+    return entries
+
+
+def host_mirror(suite: str, sources_dir: Path = APT_SOURCES) -> str:
+    """The URI of the host's apt source that serves `suite` (e.g. bookworm) with `main`."""
+    files = [sources_dir / "sources.list"] if (sources_dir / "sources.list").exists() else []
+    files += sorted((sources_dir / "sources.list.d").glob("*.list"))
+    files += sorted((sources_dir / "sources.list.d").glob("*.sources"))
+    for path in files:
+        for uri, suites, components in _entries(path):
+            if suite in suites and "main" in components:
+                return uri.rstrip("/")
+    raise UserError(f"no Debian mirror for {suite} in the host's apt sources",
+                    "pass --mirror URL")
