@@ -18,7 +18,6 @@ BOOT_START_MIB = 4  # leaves the first 4 MiB alone, aligned for SD cards' erase 
 DISK_ID = "4f4b4f4d"  # "OKOM": the MBR disk identifier; PARTUUIDs are DISK_ID-01 and DISK_ID-02
 BOOT_PARTUUID = f"{DISK_ID}-01"
 ROOT_PARTUUID = f"{DISK_ID}-02"
-BOOT_VOLUME_ID = "4f4b0001"
 ROOT_FS_UUID = "4f4b4f4d-0000-4000-8000-000000000002"
 
 
@@ -82,8 +81,8 @@ def write_partition_table(log: BuildLog, image: Path, layout: DiskLayout) -> Non
 
 def write_boot_partition(log: BuildLog, image: Path, part: Partition, bootfs: Path) -> None:
     """FAT32 with 1 KiB clusters: a small FAT32 needs them to have enough clusters at all."""
-    log.run(["mkfs.vfat", "-F", "32", "-s", "2", "-n", "BOOT", "-i", BOOT_VOLUME_ID,
-             "--invariant", "--offset", str(part.start // SECTOR), image,
+    log.run(["mkfs.vfat", "-F", "32", "-s", "2", "-n", "BOOT", "--invariant",
+             "--offset", str(part.start // SECTOR), image,
              str(part.size // 1024)], "mkfs.vfat")
     entries = sorted(bootfs.iterdir())
     if entries:

@@ -66,3 +66,41 @@ def build(role, site, out_dir, mirror, cache_dir):
         raise UserError("building an image needs root (mmdebstrap, chroot, file ownership)",
                         "run it with sudo, or as root")
     build_image(role, site, out_dir, cache_dir, mirror=mirror)
+
+
+@main.command()
+@click.option("--role", help="boot OUT/ROLE/okome-ROLE.img")
+@click.option("--image", type=click.Path(path_type=Path), help="boot this image file instead")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("out"),
+              show_default=True, help="where `build` put the role's image")
+@click.option("--site", default="production", show_default=True,
+              help="the site the image was built for (names the admin user)")
+@click.option("--name", help="hostname given to the guest [default: ROLE-qemu]")
+@click.option("--memory", default=1024, show_default=True, help="guest memory in MiB")
+@click.option("--console", is_flag=True, help="attach the serial console to this terminal")
+def boot(role, image, out_dir, site, name, memory, console):
+    """Boot an image under qemu-system-aarch64 (on a copy) with SSH on 127.0.0.1."""
+    from builder.machine import Machine
+    from builder.pipeline import artifact_paths
+    from builder.site import load_site
+
+    if bool(role) == bool(image):
+        raise UserError("give either --role or --image", "e.g. okome-image boot --role frontend")
+    image = image or artifact_paths(out_dir, role).image
+    if role and not image.exists():
+        raise UserError(f"no {role} image at {image}",
+                        f"build it first: okome-image build --role {role} --out {out_dir}")
+    admin = load_site(site).admin.user
+    name = name or f"{role or image.stem.removeprefix('okome-')}-qemu"
+
+    with Machine(image, name=name, user=admin, memory_mib=memory,
+                 serial_to_terminal=console) as machine:
+        ssh = (f"ssh -i {machine.key_path} -p {machine.ssh_port} -o StrictHostKeyChecking=no "
+               f"-o UserKnownHostsFile=/dev/null {admin}@127.0.0.1")
+        console_hint = "" if console else f"; serial console log: {machine.console_log}"
+        click.echo(f"booting {image} as {name}{console_hint}", err=True)
+        click.echo(f"connect with: {ssh}", err=True)
+        if not console:
+            seconds = machine.wait_for_ssh()
+            click.echo(f"SSH is up after {seconds:.0f} s; Ctrl-C stops the guest", err=True)
+        machine.process.wait()

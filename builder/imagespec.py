@@ -36,6 +36,9 @@ class ImageSpec(Strict):
     overlays: list[str] = Field(description="overlay trees in overlays/, applied in this order")
     enable: list[str] = Field([], description="systemd units to enable (overlays may ship them)")
     disable: list[str] = Field([], description="systemd units that packages enable and we don't")
+    checks: list[str] = Field(
+        [], description="shell commands run inside the finished root filesystem; any failure "
+                        "fails the build with the command's output (nginx -t, sshd -t, ...)")
     layout: Layout = Field(Layout(), description="partition sizes")
 
 

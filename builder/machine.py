@@ -176,6 +176,9 @@ class Machine:
             if self.process.poll() is not None:
                 raise MachineError(f"{self.name}: QEMU exited ({self.process.returncode}) "
                                    f"before SSH came up; console:\n{self.console_tail()}")
+            if not self._ssh_banner_ready():
+                time.sleep(1)
+                continue
             client = paramiko.SSHClient()
             client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
             try:
@@ -189,6 +192,14 @@ class Machine:
                 time.sleep(1)
         raise MachineError(f"{self.name}: no SSH after {timeout:.0f} s; console:\n"
                            f"{self.console_tail()}")
+
+    def _ssh_banner_ready(self) -> bool:
+        """Whether sshd answers: QEMU accepts on the forward even before the guest listens."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.ssh_port), timeout=5) as sock:
+                return sock.recv(4).startswith(b"SSH-")
+        except OSError:
+            return False
 
     def execute(self, command: str, timeout: float = 120) -> tuple[int, str]:
         """Run a shell command as root (through sudo); returns exit status and output."""

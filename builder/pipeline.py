@@ -17,7 +17,7 @@ from pathlib import Path
 
 from builder import assemble, bootstrap
 from builder.buildlog import BuildLog
-from builder.chroot import mounts_under, run_script_in_chroot, services_held_back
+from builder.chroot import mounts_under, run_in_chroot, run_script_in_chroot, services_held_back
 from builder.errors import UserError
 from builder.hosttools import BUILD_TOOLS, ensure_arm64_binfmt, require_tools
 from builder.imagespec import ImageSpec, image_spec_path, load_image_spec
@@ -167,6 +167,13 @@ def enable_units(log: BuildLog, inputs: BuildInputs, rootfs: Path) -> None:
                 "disabling units")
 
 
+def validate_rootfs(log: BuildLog, inputs: BuildInputs, rootfs: Path) -> None:
+    """Step 5: the image's own binaries check the configuration the image ships."""
+    for command in inputs.spec.checks:
+        log.info(f"check: {command}")
+        run_in_chroot(log, rootfs, ["/bin/sh", "-c", command], f"check `{command}`")
+
+
 CLEAN_GLOBS = [
     "etc/ssh/ssh_host_*",
     "var/lib/apt/lists/*",
@@ -243,9 +250,9 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def export_artifacts(log: BuildLog, inputs: BuildInputs, image: Path, staging: Path,
-                     layout: assemble.DiskLayout, packages: list[dict], started: float,
-                     final: Artifacts) -> None:
+def export_artifacts(log: BuildLog, inputs: BuildInputs, digest: tuple[str, dict[str, str]],
+                     image: Path, staging: Path, layout: assemble.DiskLayout,
+                     packages: list[dict], started: float, final: Artifacts) -> None:
     """Step 8: bmap, compressed image, manifest and checksums, then moved into place."""
     bmap = staging / final.bmap.name
     compressed = staging / final.compressed.name
@@ -253,7 +260,7 @@ def export_artifacts(log: BuildLog, inputs: BuildInputs, image: Path, staging: P
     with compressed.open("wb") as out:
         log.run(["zstd", "-T0", "-q", "-c", image], "zstd", stdout=out)
 
-    digest, file_hashes = inputs.digest()
+    inputs_digest, file_hashes = digest
     used = image.stat().st_blocks * 512
     manifest = {
         "role": inputs.role,
@@ -262,7 +269,7 @@ def export_artifacts(log: BuildLog, inputs: BuildInputs, image: Path, staging: P
         "build_seconds": round(time.monotonic() - started, 1),
         "source_date_epoch": inputs.source_date_epoch,
         "mirror": inputs.mirror,
-        "inputs_digest": digest,
+        "inputs_digest": inputs_digest,
         "inputs": file_hashes,
         "image": {"file": final.image.name, "size": layout.size, "allocated": used,
                   "compressed": compressed.stat().st_size},
@@ -293,6 +300,7 @@ def build_image(role: str, site_name: str, out_dir: Path, cache_dir: Path,
     started = time.monotonic()
     final = artifact_paths(out_dir, role)
     inputs = load_inputs(role, site_name, mirror)
+    digest = inputs.digest()  # before anything runs: what this build is made of
     final.image.parent.mkdir(parents=True, exist_ok=True)
     log = log or BuildLog(final.log)
     log.info(f"build {role} for site {inputs.site.name}: {len(inputs.substages)} substages, "
@@ -312,6 +320,8 @@ def build_image(role: str, site_name: str, out_dir: Path, cache_dir: Path,
         with log.step(f"overlays: {', '.join(inputs.spec.overlays)}"):
             apply_overlays(log, inputs, rootfs)
             enable_units(log, inputs, rootfs)
+        with log.step("validate"):
+            validate_rootfs(log, inputs, rootfs)
         with log.step("clean"):
             packages = package_list(rootfs)
             clean_rootfs(log, rootfs, inputs.source_date_epoch)
@@ -324,7 +334,8 @@ def build_image(role: str, site_name: str, out_dir: Path, cache_dir: Path,
             assemble.assemble_image(log, image, layout, bootfs, rootfs)
             log.info(f"boot {layout.boot.size // 2**20} MiB, root {layout.root.size // 2**20} MiB")
         with log.step("export"):
-            export_artifacts(log, inputs, image, staging, layout, packages, started, final)
+            export_artifacts(log, inputs, digest, image, staging, layout, packages, started,
+                             final)
     finally:
         remove_work_dir(work)
     log.info(f"[bold green]done[/] in {time.monotonic() - started:.0f} s: {final.image}")
