@@ -66,7 +66,8 @@ def write_partition_table(log: BuildLog, image: Path, layout: DiskLayout) -> Non
         "label: dos\n"
         f"label-id: 0x{DISK_ID}\n"
         "unit: sectors\n"
-        f"start={layout.boot.start // SECTOR}, size={layout.boot.size // SECTOR}, type=c, bootable\n"
+        f"start={layout.boot.start // SECTOR}, size={layout.boot.size // SECTOR}, "
+        "type=c, bootable\n"
         f"start={layout.root.start // SECTOR}, size={layout.root.size // SECTOR}, type=83\n"
     )
     table_file = image.with_suffix(".sfdisk")

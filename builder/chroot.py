@@ -1,8 +1,10 @@
-"""Running things inside the root filesystem, with every mount confined to the command's life.
+"""Running things inside the root filesystem, with every mount and process confined to the
+command's life.
 
-Each command runs in a private mount namespace (util-linux `unshare`): /proc, /sys and /dev are
-mounted inside it, and the kernel drops them when the command ends, whatever way it ends. The
-host's mount table never sees them, so an interrupted build cannot leave a mount behind.
+Each command runs in private mount and PID namespaces (util-linux `unshare`): /proc, /sys and
+/dev are mounted inside them, and when the command ends, whatever way it ends, the kernel drops
+the mounts and kills every process left in the namespace. The host's mount table never sees
+the mounts, so an interrupted build leaves neither a mount nor a stray process behind.
 """
 
 import os
@@ -13,15 +15,12 @@ from typing import Iterator
 from builder.buildlog import BuildLog
 
 # Runs inside the new namespace: mount what package scripts expect, then enter the root.
-_ENTER = r"""
-set -eu
-root=$1; shift
-mount -t proc proc "$root/proc"
-mount -t sysfs -o ro sysfs "$root/sys"
-mount --rbind /dev "$root/dev"
-mount -t tmpfs -o mode=0755 tmpfs "$root/run"
-exec chroot "$root" "$@"
-"""
+_ENTER = ('set -eu; root=$1; shift; '
+          'mount -t proc proc "$root/proc"; '
+          'mount -t sysfs -o ro sysfs "$root/sys"; '
+          'mount --rbind /dev "$root/dev"; '
+          'mount -t tmpfs -o mode=0755 tmpfs "$root/run"; '
+          'exec chroot "$root" "$@"')
 
 CHROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -30,8 +29,9 @@ POLICY_RC_D = "#!/bin/sh\n# okome-image: no service starts while the image is bu
 
 
 def namespaced(argv: list[str]) -> list[str]:
-    """`argv` in a private mount namespace, killed if okome-image itself dies."""
-    return ["unshare", "--mount", "--propagation", "private", "--fork", "--kill-child", *argv]
+    """`argv` in private mount and PID namespaces, all of it killed if okome-image dies."""
+    return ["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child",
+            *argv]
 
 
 def chroot_command(rootfs: Path, argv: list[str]) -> list[str]:

@@ -6,9 +6,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from builder.errors import UserError
+from builder.paths import IMAGES_DIR
 from builder.yamlfile import load_model
-
-IMAGES_DIR = Path(__file__).resolve().parent.parent / "images"
 
 
 class Strict(BaseModel):

@@ -1,4 +1,4 @@
-"""Overlays: file trees copied into the root filesystem, with `*.j2` files rendered from the site."""
+"""Overlays: file trees copied into the root filesystem; `*.j2` files are rendered from the site."""
 
 import os
 import shutil
@@ -7,8 +7,7 @@ from pathlib import Path
 import jinja2
 
 from builder.errors import UserError
-
-OVERLAYS_DIR = Path(__file__).resolve().parent.parent / "overlays"
+from builder.paths import OVERLAYS_DIR
 
 # Files that must not be world-readable or that sudo insists on; git keeps only the x bit.
 MODES = {

@@ -22,12 +22,10 @@ from builder.errors import UserError
 from builder.hosttools import BUILD_TOOLS, ensure_arm64_binfmt, require_tools
 from builder.imagespec import ImageSpec, image_spec_path, load_image_spec
 from builder.mirror import host_mirror
-from builder.overlay import OVERLAYS_DIR, render_overlay
+from builder.overlay import render_overlay
+from builder.paths import BUILDER_DIR, OVERLAYS_DIR, PROJECT_DIR, STAGES_DIR
 from builder.site import Site, load_site, resolve_site_path
-from builder.stages import STAGES_DIR, Substage, load_stages
-
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-BUILDER_DIR = Path(__file__).resolve().parent
+from builder.stages import Substage, load_stages
 
 
 @dataclass(frozen=True)

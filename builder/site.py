@@ -14,9 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from builder.backend_settings import BackendSettings
 from builder.errors import UserError
 from builder.frontend_settings import FrontendSettings
+from builder.paths import SITES_DIR
 from builder.yamlfile import load_model
-
-SITES_DIR = Path(__file__).resolve().parent.parent / "sites"
 
 
 class Strict(BaseModel):

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.errors import UserError
-
-STAGES_DIR = Path(__file__).resolve().parent.parent / "stages"
+from builder.paths import STAGES_DIR
 
 NUMBERED = re.compile(r"^\d\d-[a-z0-9][a-z0-9-]*$")
 SCRIPT = re.compile(r"^(\d\d)-run(-chroot)?\.sh$")

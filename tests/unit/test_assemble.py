@@ -5,8 +5,14 @@ import subprocess
 import pytest
 
 from builder import bootpart
-from builder.assemble import (BOOT_PARTUUID, DISK_ID, ROOT_FS_UUID, ROOT_PARTUUID,
-                              assemble_image, plan_layout)
+from builder.assemble import (
+    BOOT_PARTUUID,
+    DISK_ID,
+    ROOT_FS_UUID,
+    ROOT_PARTUUID,
+    assemble_image,
+    plan_layout,
+)
 from builder.buildlog import BuildLog
 
 
