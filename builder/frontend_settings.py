@@ -64,6 +64,10 @@ class FrontendSettings(BaseModel):
     max_request_body_mb: int = Field(64, ge=1, description="largest request body accepted")
     upstream_keepalive: int = Field(
         16, ge=1, description="idle keep-alive connections each worker keeps to the gateway")
+    upstream_keepalive_timeout_s: int = Field(
+        4, ge=1, description="nginx closes an idle connection to the gateway after this; keep it "
+                             "below the gateway's own idle timeout, so nginx never reuses one "
+                             "the gateway is closing")
 
     probe_interval_s: int = Field(
         2, ge=1, le=60, description="how often the gateway's health endpoint is probed")
