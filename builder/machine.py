@@ -3,7 +3,8 @@
 The guest runs on a copy of the image (the image itself is never touched) with the kernel and
 initrd taken from the image's own boot partition. Its network is QEMU user networking with
 `restrict=on`: the guest reaches nothing outside, and the host reaches the guest only through
-the forwards below, all on 127.0.0.1.
+the forwards below, all on 127.0.0.1. A guest forward makes one address of the guest's network
+lead to a port on the host's loopback (a stub gateway, say), one socat per connection.
 """
 
 import shlex
@@ -63,6 +64,7 @@ class Machine:
     identity: dict[str, bytes] = field(default_factory=dict)
     guest_forwards: list[tuple[str, int, int]] = field(default_factory=list)
     forward_ports: list[int] = field(default_factory=list)
+    network: str | None = None
     user: str = "okome"
     serial_to_terminal: bool = False
     work_dir: Path | None = None
@@ -97,6 +99,8 @@ class Machine:
     def start(self) -> None:
         """Copy the image, write the identity onto the copy, start QEMU."""
         require_tools(BOOT_TOOLS)
+        if self.guest_forwards:
+            require_tools({"socat": "socat"})
         if not self.image.is_file():
             raise UserError(f"{self.image}: no such image", "build it first: okome-image build")
         if self.work_dir is None:
@@ -123,10 +127,13 @@ class Machine:
 
     def qemu_argv(self, disk: Path, cmdline: str) -> list[str]:
         netdev = "user,id=net0,restrict=on"
+        if self.network:
+            netdev += f",net={self.network}"
         for guest_port, host_port in self.host_ports.items():
             netdev += f",hostfwd=tcp:127.0.0.1:{host_port}-:{guest_port}"
         for guest_address, guest_port, host_port in self.guest_forwards:
-            netdev += f",guestfwd=tcp:{guest_address}:{guest_port}-tcp:127.0.0.1:{host_port}"
+            netdev += (f",guestfwd=tcp:{guest_address}:{guest_port}"
+                       f"-cmd:socat - TCP:127.0.0.1:{host_port}")
         serial = "mon:stdio" if self.serial_to_terminal else f"file:{self.console_log}"
         return [
             "qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a72",

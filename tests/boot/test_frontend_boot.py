@@ -8,21 +8,9 @@ import pytest
 
 from builder import bootpart
 from builder.assemble import ROOT_PARTUUID
-from builder.machine import Machine, kernel_and_initrd
+from builder.machine import kernel_and_initrd
 
 pytestmark = pytest.mark.boot
-
-
-@pytest.fixture(scope="module")
-def image(built_image):
-    return built_image("frontend")
-
-
-@pytest.fixture(scope="module")
-def frontend(image):
-    with Machine(image, name="frontend-a", forward_ports=[80]) as machine:
-        machine.seconds_to_ssh = machine.wait_for_ssh()
-        yield machine
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +50,11 @@ def test_root_is_ext4_from_the_second_partition(host):
     assert root.device.endswith("2")
 
 
-def test_running_kernel_is_the_images(image, host, tmp_path):
-    kernel_name, _ = kernel_and_initrd(image)
+def test_running_kernel_is_the_images(frontend_image, host, tmp_path):
+    kernel_name, _ = kernel_and_initrd(frontend_image)
     assert host.check_output("uname -r") == kernel_name.removeprefix("vmlinuz-")
 
-    bootpart.copy_boot_file(image, kernel_name, tmp_path / "kernel")
+    bootpart.copy_boot_file(frontend_image, kernel_name, tmp_path / "kernel")
     shipped = hashlib.sha256((tmp_path / "kernel").read_bytes()).hexdigest()
     on_node = host.check_output(f"sha256sum /boot/firmware/{kernel_name}").split()[0]
     assert on_node == shipped
