@@ -15,11 +15,16 @@ from typing import Iterator
 from builder.buildlog import BuildLog
 
 # Runs inside the new namespace: mount what package scripts expect, then enter the root.
+# /boot/firmware is bound onto itself because on a node it is a mount point (the boot
+# partition), and raspi-firmware's hooks refuse to write into it otherwise; the PID namespace
+# hides the chroot from their `ischroot` test.
 _ENTER = ('set -eu; root=$1; shift; '
           'mount -t proc proc "$root/proc"; '
           'mount -t sysfs -o ro sysfs "$root/sys"; '
           'mount --rbind /dev "$root/dev"; '
           'mount -t tmpfs -o mode=0755 tmpfs "$root/run"; '
+          'if [ -d "$root/boot/firmware" ]; then '
+          'mount --bind "$root/boot/firmware" "$root/boot/firmware"; fi; '
           'exec chroot "$root" "$@"')
 
 CHROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

@@ -1,8 +1,11 @@
 """Booted guests shared by the boot tests: each image boots once per test session."""
 
+import secrets
+
 import pytest
 
 from builder.machine import Machine
+from builder.redis_acl import render_exporter_credentials, render_redis_acl
 from tests.host.stub_gateway import StubGateway
 
 
@@ -26,5 +29,26 @@ def frontend(frontend_image, lab_site, stub_gateway):
     with Machine(frontend_image, name="frontend-a", user=lab_site.admin.user,
                  network=str(lab_site.network.prefix), guest_forwards=[gateway],
                  forward_ports=[80]) as machine:
+        machine.seconds_to_ssh = machine.wait_for_ssh()
+        yield machine
+
+
+@pytest.fixture(scope="session")
+def redis_passwords():
+    """Throwaway passwords, made for this test session only."""
+    return {"gateway": secrets.token_hex(24), "metrics": secrets.token_hex(24)}
+
+
+@pytest.fixture(scope="session")
+def backend(built_image, lab_site, redis_passwords):
+    """The lab site's backend, booted with its secrets on the boot partition as a flashed card
+    would have them."""
+    identity = {
+        "redis-users.acl": render_redis_acl(redis_passwords["gateway"],
+                                            redis_passwords["metrics"]).encode(),
+        "redis-exporter.env": render_exporter_credentials(redis_passwords["metrics"]).encode(),
+    }
+    with Machine(built_image("backend"), name="backend", user=lab_site.admin.user,
+                 network=str(lab_site.network.prefix), identity=identity) as machine:
         machine.seconds_to_ssh = machine.wait_for_ssh()
         yield machine
