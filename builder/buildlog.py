@@ -59,23 +59,20 @@ class BuildLog:
         self.info(f"[green]✓[/green] {name} ({time.monotonic() - start:.1f} s)")
 
     def run(self, argv: Sequence[str | Path], what: str, env: dict | None = None,
-            cwd: Path | None = None, stdout: IO | None = None, stdin: IO | None = None) -> None:
+            cwd: Path | None = None, stdin: IO | None = None) -> None:
         """Run a command with its output going to the log; on failure raise CommandFailed.
 
         `what` names the command for the error line ("substage 10-system/00-boot: 00-run.sh").
-        With `stdout` given, standard output goes there and only standard error is logged;
         `stdin`, when given, is the command's standard input.
         """
         argv = [str(arg) for arg in argv]
         self.write("$ " + " ".join(argv))
         tail: collections.deque[str] = collections.deque(maxlen=15)
         proc = subprocess.Popen(
-            argv, stdout=stdout or subprocess.PIPE,
-            stderr=subprocess.PIPE if stdout else subprocess.STDOUT,
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             stdin=stdin or subprocess.DEVNULL, env=env, cwd=cwd, text=True, errors="replace")
-        stream = proc.stderr if stdout else proc.stdout
         try:
-            for line in stream:
+            for line in proc.stdout:
                 self.write(line)
                 tail.append(line.rstrip())
             code = proc.wait()

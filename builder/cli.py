@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from builder.errors import UserError
 
@@ -33,9 +34,9 @@ class Command(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as err:
-            console.print(f"[red]error:[/] {err.message}")
+            console.print(f"[red]error:[/] {escape(err.message)}")
             if err.hint:
-                console.print(f"[dim]hint:[/] {err.hint}")
+                console.print(f"[dim]hint:[/] {escape(err.hint)}")
             sys.exit(1)
         except KeyboardInterrupt:
             console.print("[red]interrupted[/]: everything this run started was stopped "
@@ -104,3 +105,50 @@ def boot(role, image, out_dir, site, name, memory, console):
             seconds = machine.wait_for_ssh()
             click.echo(f"SSH is up after {seconds:.0f} s; Ctrl-C stops the guest", err=True)
         machine.process.wait()
+
+
+@main.command()
+@click.option("--node", required=True, help="the node this card becomes (a name in the site)")
+@click.option("--site", default="production", show_default=True,
+              help="site name (a file in sites/) or path")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("out"),
+              show_default=True, help="where `build` put the image (when IMAGE is not given)")
+@click.option("--force", is_flag=True, help="allow a disk that does not call itself removable")
+@click.option("--yes", is_flag=True, help="do not ask before overwriting TARGET")
+@click.option("--identity-only", is_flag=True,
+              help="only replace the identity on a card that already holds the role's image")
+@click.argument("image_or_target", type=click.Path(path_type=Path), metavar="[IMAGE]")
+@click.argument("target", type=click.Path(path_type=Path), required=False, metavar="TARGET")
+def flash(node, site, out_dir, force, yes, identity_only, image_or_target, target):
+    """Write a role image to TARGET (a card's block device or a file) as one node: only the
+    mapped blocks, read back and verified, then the node's identity on the boot partition."""
+    from builder.flash import ask_on_terminal, flash_node
+
+    image, target = (image_or_target, target) if target else (None, image_or_target)
+    if identity_only and image:
+        raise UserError("--identity-only writes no image", "give only TARGET")
+    flash_node(site, node, target, out_dir, image_path=image, force=force,
+               confirm=None if yes else ask_on_terminal, identity_only=identity_only)
+
+
+@main.command("rebuild-node")
+@click.argument("node")
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--site", default="production", show_default=True,
+              help="site name (a file in sites/) or path")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("out"),
+              show_default=True, help="where the role's image is built (in ROLE/)")
+@click.option("--mirror", help="Debian mirror URL [default: the host's apt source]")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=default_cache_dir,
+              show_default="$OKOME_IMAGE_CACHE or ~/.cache/okome-image",
+              help="downloaded packages and finished steps")
+@click.option("--force", is_flag=True, help="allow a disk that does not call itself removable")
+@click.option("--yes", is_flag=True, help="do not ask before overwriting TARGET")
+def rebuild_node(node, target, site, out_dir, mirror, cache_dir, force, yes):
+    """Bring a dead node back: build its role's image if its inputs changed, then flash it
+    to TARGET for NODE, printing each step's time."""
+    from builder.flash import ask_on_terminal
+    from builder.flash import rebuild_node as rebuild
+
+    rebuild(site, node, target, out_dir, cache_dir, mirror=mirror, force=force,
+            confirm=None if yes else ask_on_terminal)

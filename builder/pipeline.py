@@ -255,8 +255,7 @@ def export_artifacts(log: BuildLog, inputs: BuildInputs, digest: tuple[str, dict
     bmap = staging / final.bmap.name
     compressed = staging / final.compressed.name
     log.run(["bmaptool", "create", "-o", bmap, image], "bmaptool create")
-    with compressed.open("wb") as out:
-        log.run(["zstd", "-T0", "-q", "-c", image], "zstd", stdout=out)
+    log.run(["zstd", "-T0", "-q", "-o", compressed, image], "zstd")
 
     inputs_digest, file_hashes = digest
     used = image.stat().st_blocks * 512

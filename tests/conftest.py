@@ -25,9 +25,13 @@ def built_image():
     """Returns a function ROLE → image path, building the lab image unless it is current."""
 
     def build(role: str) -> Path:
+        artifacts = artifact_paths(TEST_OUT, role)
         if not image_is_current(role, "lab", TEST_OUT):
-            subprocess.run([sys.executable, "-m", "builder", "build", "--role", role,
-                            "--site", "lab", "--out", str(TEST_OUT)], check=True)
-        return artifact_paths(TEST_OUT, role).image
+            build = subprocess.run([sys.executable, "-m", "builder", "build", "--role", role,
+                                    "--site", "lab", "--out", str(TEST_OUT)])
+            if build.returncode != 0:
+                pytest.fail(f"building the {role} image failed (exit {build.returncode}); "
+                            f"see {artifacts.log}", pytrace=False)
+        return artifacts.image
 
     return build
