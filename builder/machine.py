@@ -7,6 +7,7 @@ the forwards below, all on 127.0.0.1. A guest forward makes one address of the g
 lead to a port on the host's loopback (a stub gateway, say), one socat per connection.
 """
 
+import os
 import shlex
 import shutil
 import socket
@@ -68,6 +69,15 @@ class Machine:
     user: str = "okome"
     serial_to_terminal: bool = False
     work_dir: Path | None = None
+    # A flashed card boots with the identity `flash` wrote: keep_identity leaves the copy's
+    # okome/ as it is, ssh_key is a private key its authorized_keys accept, and guest_address
+    # is its static address, where the forwards must lead (QEMU's default is the address its
+    # DHCP would hand out).
+    keep_identity: bool = False
+    # Room beyond the image, as on a card bigger than the image: the root grows into it.
+    extra_disk_mib: int = 1024
+    ssh_key: Path | None = None
+    guest_address: str | None = None
 
     def __post_init__(self):
         self.process: subprocess.Popen | None = None
@@ -94,7 +104,7 @@ class Machine:
 
     @property
     def key_path(self) -> Path:
-        return self.work_dir / "id_ed25519"
+        return self.ssh_key or self.work_dir / "id_ed25519"
 
     def start(self) -> None:
         """Copy the image, write the identity onto the copy, start QEMU."""
@@ -108,14 +118,17 @@ class Machine:
         disk = self.work_dir / "disk.img"
         subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(self.image), str(disk)],
                        check=True)
+        os.truncate(disk, disk.stat().st_size + self.extra_disk_mib * 2**20)
 
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C",
-                        f"okome-image throwaway key for {self.name}", "-f", str(self.key_path)],
-                       check=True)
-        identity = {"hostname": self.name.encode() + b"\n",
-                    "authorized_keys": self.key_path.with_suffix(".pub").read_bytes(),
-                    **self.identity}
-        bootpart.write_boot_files(disk, "okome", identity, self.work_dir)
+        if self.ssh_key is None:
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C",
+                            f"okome-image throwaway key for {self.name}", "-f",
+                            str(self.key_path)], check=True)
+        if not self.keep_identity:
+            identity = {"hostname": self.name.encode() + b"\n",
+                        "authorized_keys": self.key_path.with_suffix(".pub").read_bytes(),
+                        **self.identity}
+            bootpart.write_boot_files(disk, "okome", identity, self.work_dir)
 
         kernel, initrd = kernel_and_initrd(disk)
         bootpart.copy_boot_file(disk, kernel, self.work_dir / "kernel")
@@ -130,7 +143,8 @@ class Machine:
         if self.network:
             netdev += f",net={self.network}"
         for guest_port, host_port in self.host_ports.items():
-            netdev += f",hostfwd=tcp:127.0.0.1:{host_port}-:{guest_port}"
+            guest = self.guest_address or ""
+            netdev += f",hostfwd=tcp:127.0.0.1:{host_port}-{guest}:{guest_port}"
         for guest_address, guest_port, host_port in self.guest_forwards:
             netdev += (f",guestfwd=tcp:{guest_address}:{guest_port}"
                        f"-cmd:socat - TCP:127.0.0.1:{host_port}")

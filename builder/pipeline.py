@@ -28,6 +28,12 @@ from builder.site import Site, load_site, resolve_site_path
 from builder.stages import Substage, load_stages
 
 
+# Modules that act on finished images (boot, flash, the node identity) or only parse the
+# command line: a change to them does not change what a build makes.
+NOT_BUILD_INPUTS = {"__main__.py", "cli.py", "machine.py", "flash.py", "identity.py",
+                    "bootpart.py", "redis_acl.py"}
+
+
 @dataclass(frozen=True)
 class BuildInputs:
     role: str
@@ -51,7 +57,7 @@ class BuildInputs:
         for overlay in self.spec.overlays:
             paths += [p for p in sorted((OVERLAYS_DIR / overlay).rglob("*")) if p.is_file()]
         paths += [p for p in sorted(BUILDER_DIR.rglob("*")) if p.is_file()
-                  and "__pycache__" not in p.parts]
+                  and "__pycache__" not in p.parts and p.name not in NOT_BUILD_INPUTS]
         return paths
 
     def digest(self) -> tuple[str, dict[str, str]]:

@@ -294,7 +294,7 @@ def test_settings_reject_a_probe_timeout_as_long_as_its_interval():
 def test_a_header_name_nginx_cannot_read_is_an_error_with_its_line(tmp_path):
     site_file = tmp_path / "site.yaml"
     text = (Path(__file__).resolve().parents[2] / "sites/lab.yaml").read_text()
-    site_file.write_text(text + "frontend:\n  agent_header: X_Agent Name\n")
+    site_file.write_text(text.replace("frontend:\n", "frontend:\n  agent_header: X_Agent Name\n"))
     with pytest.raises(UserError, match=r"site.yaml:\d+: frontend.agent_header"):
         load_model(site_file, Site)
 
