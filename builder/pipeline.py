@@ -27,7 +27,6 @@ from builder.paths import BUILDER_DIR, OVERLAYS_DIR, PROJECT_DIR, STAGES_DIR
 from builder.site import Site, load_site, resolve_site_path
 from builder.stages import Substage, load_stages
 
-
 # Modules that act on finished images (boot, flash, the node identity) or only parse the
 # command line: a change to them does not change what a build makes.
 NOT_BUILD_INPUTS = {"__main__.py", "cli.py", "machine.py", "flash.py", "identity.py",
