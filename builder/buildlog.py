@@ -27,6 +27,7 @@ class BuildLog:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._file = path.open("w", buffering=1)
         self._depth = 0
+        self.durations: dict[str, float] = {}  # seconds each finished step took
 
     def close(self) -> None:
         if self._file:
@@ -56,6 +57,7 @@ class BuildLog:
             self.info(f"[red]✗[/red] {name} failed after {time.monotonic() - start:.1f} s")
             raise
         self._depth -= 1
+        self.durations[name.split(":")[0]] = round(time.monotonic() - start, 1)
         self.info(f"[green]✓[/green] {name} ({time.monotonic() - start:.1f} s)")
 
     def run(self, argv: Sequence[str | Path], what: str, env: dict | None = None,

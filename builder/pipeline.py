@@ -269,6 +269,7 @@ def export_artifacts(log: BuildLog, inputs: BuildInputs, digest: tuple[str, dict
         "site": inputs.site.name,
         "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "build_seconds": round(time.monotonic() - started, 1),
+        "step_seconds": dict(log.durations),
         "source_date_epoch": inputs.source_date_epoch,
         "mirror": inputs.mirror,
         "inputs_digest": inputs_digest,
@@ -322,7 +323,7 @@ def build_image(role: str, site_name: str, out_dir: Path, cache_dir: Path,
         with log.step(f"overlays: {', '.join(inputs.spec.overlays)}"):
             apply_overlays(log, inputs, rootfs)
             enable_units(log, inputs, rootfs)
-        with log.step("validate"):
+        with log.step("checks"):
             validate_rootfs(log, inputs, rootfs)
         with log.step("clean"):
             packages = package_list(rootfs)

@@ -1,6 +1,0 @@
-#!/bin/bash
-# The one initramfs of the image; raspi-firmware's hook then copies the kernel, the initramfs
-# and the device trees to /boot/firmware and writes config.txt and cmdline.txt.
-set -euo pipefail
-
-update-initramfs -c -k all
