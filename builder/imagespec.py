@@ -35,6 +35,9 @@ class ImageSpec(Strict):
     overlays: list[str] = Field(description="overlay trees in overlays/, applied in this order")
     enable: list[str] = Field([], description="systemd units to enable (overlays may ship them)")
     disable: list[str] = Field([], description="systemd units that packages enable and we don't")
+    read_only_root: bool = Field(
+        False, description="mount the card's root read-only under a RAM overlay: the node "
+                           "runs as usual and nothing on the card changes while it runs")
     checks: list[str] = Field(
         [], description="shell commands run inside the finished root filesystem; any failure "
                         "fails the build with the command's output (nginx -t, sshd -t, ...)")

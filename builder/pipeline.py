@@ -131,6 +131,7 @@ def stage_environment(inputs: BuildInputs, rootfs: Path, substage: Substage) -> 
         "OKOME_ADMIN_USER": inputs.site.admin.user,
         "OKOME_ROOT_PARTUUID": assemble.ROOT_PARTUUID,
         "OKOME_BOOT_PARTUUID": assemble.BOOT_PARTUUID,
+        "OKOME_READ_ONLY_ROOT": "yes" if inputs.spec.read_only_root else "no",
     }
 
 
