@@ -115,7 +115,8 @@ def test_packages_the_hardening_needs_are_in_and_swap_makers_are_not(rootfs):
 
 
 def test_root_grow_finds_its_tools(rootfs):
-    in_image(rootfs, "command -v findmnt sfdisk partx dumpe2fs resize2fs")
+    in_image(rootfs, "for tool in findmnt sfdisk partx dumpe2fs resize2fs; do "
+                     "command -v $tool || exit 1; done")
 
 
 @pytest.mark.parametrize("user", ["root", ADMIN, "nobody"])

@@ -246,6 +246,19 @@ def test_sshd_hardening_is_read_first_and_admits_only_the_admin_with_a_key(rende
                 assert value == ours[keyword], f"{later.name}: {keyword}"
 
 
+def test_rare_protocols_core_dumps_and_strangers_are_turned_away(rendered):
+    _, _, root = rendered
+    modprobe = (root / "etc/modprobe.d/okome-unused-modules.conf").read_text()
+    for module in ["dccp", "sctp", "rds", "tipc", "firewire-core"]:
+        assert f"install {module} /bin/true" in modprobe.splitlines(), module
+    assert "usb" not in modprobe.replace("USB storage stays", ""), "a Pi may boot from USB"
+    limits = [line.split() for line in
+              (root / "etc/security/limits.d/okome-no-core-dumps.conf").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    assert limits == [["*", "hard", "core", "0"]]
+    for banner in ["etc/issue", "etc/issue.net"]:
+        assert "authorised" in (root / banner).read_text()
+
 # -- fail2ban -----------------------------------------------------------------------------------
 
 def test_fail2ban_reads_sshd_from_the_journal_bans_with_nftables_and_writes_nothing(rendered):
