@@ -69,13 +69,10 @@ def power_off(machine: Machine, timeout: float = 240) -> None:
     machine.process.wait(timeout=timeout)
 
 
-def card_copy(image: Path, target: Path, grow_mib: int = 0) -> Path:
-    """A copy of the image as a card holds it, `grow_mib` larger than the image."""
+def card_copy(image: Path, target: Path) -> Path:
+    """A copy of the image to change before a Machine boots it."""
     subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(image), str(target)],
                    check=True)
-    if grow_mib:
-        with target.open("r+b") as card:
-            card.truncate(target.stat().st_size + grow_mib * 2**20)
     return target
 
 
@@ -102,13 +99,15 @@ def root_partition_digest(image: Path) -> str:
     return digest.hexdigest()
 
 
-def lab_machine(image: Path, name: str, lab_site, stub_gateway, work_dir: Path) -> Machine:
-    """A frontend on the lab network with the stub gateway, its files kept in `work_dir`."""
+def lab_machine(image: Path, name: str, lab_site, stub_gateway, work_dir: Path,
+                extra_disk_mib: int = 1024) -> Machine:
+    """A frontend on the lab network with the stub gateway, its files kept in `work_dir`, on a
+    disk `extra_disk_mib` larger than `image` (a card bigger than the image)."""
     work_dir.mkdir(parents=True, exist_ok=True)
     gateway = (str(lab_site.gateway.host), lab_site.gateway.port, stub_gateway.port)
     return Machine(image, name=name, user=lab_site.admin.user,
                    network=str(lab_site.network.prefix), guest_forwards=[gateway],
-                   work_dir=work_dir)
+                   work_dir=work_dir, extra_disk_mib=extra_disk_mib)
 
 
 def boots_clean(machine: Machine) -> None:
@@ -120,6 +119,21 @@ def boots_clean(machine: Machine) -> None:
 
 def grow_root_log(machine: Machine) -> str:
     return machine.succeed("journalctl -b --no-pager -o cat -u okome-grow-root.service")
+
+
+def assert_root_fills_its_disk(machine: Machine) -> None:
+    """The root partition ends where the disk does, and ext4 fills the partition."""
+    device = machine.succeed("findmnt -no SOURCE /").strip()
+    name = device.rsplit("/", 1)[1]
+    disk = machine.succeed(f"lsblk -no PKNAME {device}").strip()
+    disk_size, start, size = map(int, machine.succeed(
+        f"cat /sys/class/block/{disk}/size /sys/class/block/{name}/start "
+        f"/sys/class/block/{name}/size").split())
+    assert disk_size - (start + size) < 2048, "the root partition does not reach the disk's end"
+    superblock = dict(line.split(":", 1) for line in machine.succeed(
+        f"dumpe2fs -h {device} 2>/dev/null").splitlines() if ":" in line)
+    fs_bytes = int(superblock["Block count"]) * int(superblock["Block size"])
+    assert size * 512 - fs_bytes < 2**20, "the filesystem does not fill the partition"
 
 
 # -- fixtures -----------------------------------------------------------------------------------
@@ -204,16 +218,19 @@ def test_writeback_is_tuned_for_flash_and_the_kernel_is_hardened(frontend):
 
 
 def test_jobs_that_write_for_no_one_are_masked_and_not_scheduled(frontend):
-    timers = frontend.succeed("systemctl list-timers --all --no-legend --plain")
+    scheduled = frontend.succeed("systemctl list-timers --no-legend --plain")
     for timer in ["apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer",
                   "man-db.timer", "e2scrub_all.timer"]:
-        assert timer not in timers
+        assert timer not in scheduled
     assert frontend.execute("systemctl is-enabled apt-daily.timer")[1].strip() == "masked"
 
 
-def test_root_grow_is_a_no_op_when_the_disk_ends_where_the_image_does(frontend):
+def test_root_grew_on_first_boot_to_fill_the_disk(frontend):
+    """The shared frontend's disk is larger than the image, as a card is (Machine's
+    extra_disk_mib)."""
     frontend.wait_for_unit("okome-grow-root.service")
-    assert "nothing to grow" in grow_root_log(frontend)
+    assert "growing" in grow_root_log(frontend)
+    assert_root_fills_its_disk(frontend)
 
 
 # -- the admin and SSH --------------------------------------------------------------------------
@@ -336,31 +353,22 @@ def test_time_is_synchronised_by_timesyncd(frontend):
 def test_a_card_grows_once_and_boots_twice_without_a_failed_unit(frontend, frontend_image,
                                                                  lab_site, stub_gateway,
                                                                  tmp_path):
-    card = card_copy(frontend_image, tmp_path / "card.img", grow_mib=512)
     first, second = tmp_path / "first-boot", tmp_path / "second-boot"
 
-    with lab_machine(card, "frontend-card", lab_site, stub_gateway, first) as node:
+    with lab_machine(frontend_image, "frontend-card", lab_site, stub_gateway, first) as node:
         boots_clean(node)
         assert "growing" in grow_root_log(node)
-        device = node.succeed("findmnt -no SOURCE /").strip()
-        disk = node.succeed(f"lsblk -no PKNAME {device}").strip()
-        sectors = node.succeed(f"cat /sys/class/block/{disk}/size "
-                               f"/sys/class/block/{device.rsplit('/', 1)[1]}/start "
-                               f"/sys/class/block/{device.rsplit('/', 1)[1]}/size").split()
-        disk_size, start, size = map(int, sectors)
-        assert disk_size - (start + size) < 2048, "the root partition fills the card"
-        fs_bytes = int(node.succeed(f"dumpe2fs -h {device} 2>/dev/null | awk -F: "
-                                    "'/^Block count/ { n = $2 } /^Block size/ { s = $2 } "
-                                    "END { print n * s }'"))
-        assert size * 512 - fs_bytes < 2**20, "the filesystem fills the partition"
+        assert_root_fills_its_disk(node)
         host_key = node.succeed("ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub")
         machine_id = node.succeed("cat /etc/machine-id")
         power_off(node)
 
-    with lab_machine(first / "disk.img", "frontend-card", lab_site, stub_gateway,
-                     second) as node:
+    # The same card again, no larger this time.
+    with lab_machine(first / "disk.img", "frontend-card", lab_site, stub_gateway, second,
+                     extra_disk_mib=0) as node:
         boots_clean(node)
         assert "nothing to grow" in grow_root_log(node)
+        assert_root_fills_its_disk(node)
         assert node.succeed("ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub") == host_key
         assert node.succeed("cat /etc/machine-id") == machine_id
     other_node_key = frontend.succeed("ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub")
