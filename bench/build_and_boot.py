@@ -1,10 +1,12 @@
-"""Benchmark (not a test): cold build, warm rebuild after one overlay file changed, assembly,
-boot to SSH and to `running`, image sizes. Prints a table and writes JSON.
+"""Benchmark (not a test): cold build, warm rebuild with nothing changed, rebuild after one
+overlay file changed, assembly, boot to SSH and to `running`, image sizes. Prints a table and
+writes JSON.
 
     sudo .venv/bin/python -m bench.build_and_boot --role frontend [--skip-cold] [--json F]
 
-The cold build uses an empty cache folder (packages are downloaded again); the warm rebuild
-uses a copy of the project's definitions with one overlay file changed.
+The cold build uses an empty cache folder (packages are downloaded again); with --skip-cold the
+operator's cache is used and brought up to date first. The overlay-change rebuild uses a copy
+of the project's definitions with one overlay file changed: the stages come from the cache.
 """
 
 import argparse
@@ -35,6 +37,7 @@ def timed_build(role: str, site: str, out: Path, cache: Path, project: Path) -> 
     wall = time.monotonic() - started
     manifest = json.loads(artifact_paths(out, role).manifest.read_text())
     return {"wall_s": round(wall, 1), "steps_s": manifest["step_seconds"],
+            "cache_hits": [entry["step"] for entry in manifest["cache"] if entry["hit"]],
             "image": manifest["image"]}
 
 
@@ -74,9 +77,13 @@ def main() -> None:
                                           work / "cache", PROJECT_DIR)
         project = project_copy_with_one_overlay_change(work)
         cache = work / "cache" if not args.skip_cold else default_cache_dir()
-        timed_build(args.role, args.site, work / "out-warm", cache, PROJECT_DIR)
-        results["warm"] = timed_build(args.role, args.site, work / "out-warm", cache, project)
-        results["boot"] = timed_boot(artifact_paths(work / "out-warm", args.role).image,
+        if args.skip_cold:  # the operator's cache may not hold this build yet
+            timed_build(args.role, args.site, work / "out-warm", cache, PROJECT_DIR)
+        results["warm"] = timed_build(args.role, args.site, work / "out-warm", cache,
+                                      PROJECT_DIR)
+        results["overlay_change"] = timed_build(args.role, args.site, work / "out-changed",
+                                                cache, project)
+        results["boot"] = timed_boot(artifact_paths(work / "out-changed", args.role).image,
                                      args.site)
 
     args.json.write_text(json.dumps(results, indent=2) + "\n")
@@ -85,12 +92,13 @@ def main() -> None:
     table.add_column("seconds / size", justify="right")
     if "cold" in results:
         table.add_row("cold build (empty caches)", f"{results['cold']['wall_s']:.0f} s")
-    warm = results["warm"]
-    table.add_row("rebuild after one overlay file changed", f"{warm['wall_s']:.1f} s")
-    table.add_row("assembly", f"{warm['steps_s'].get('assemble', 0):.1f} s")
+    warm, changed = results["warm"], results["overlay_change"]
+    table.add_row("warm rebuild, nothing changed", f"{warm['wall_s']:.1f} s")
+    table.add_row("rebuild after one overlay file changed", f"{changed['wall_s']:.1f} s")
+    table.add_row("assembly", f"{changed['steps_s'].get('assemble', 0):.1f} s")
     table.add_row("boot to SSH", f"{results['boot']['ssh_s']:.0f} s")
     table.add_row(f"boot to {results['boot']['state']}", f"{results['boot']['running_s']:.0f} s")
-    image = warm["image"]
+    image = changed["image"]
     table.add_row("image raw / allocated / compressed",
                   f"{image['size'] >> 20} / {image['allocated'] >> 20} / "
                   f"{image['compressed'] >> 20} MiB")

@@ -6,6 +6,7 @@ the same way in every image (PARTUUID), and builds of the same inputs stay ident
 """
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,21 +92,63 @@ def write_boot_partition(log: BuildLog, image: Path, part: Partition, bootfs: Pa
                 "mcopy into the boot partition", env={**os.environ, "MTOOLS_SKIP_CHECK": "1"})
 
 
-def write_root_partition(log: BuildLog, image: Path, part: Partition, rootfs: Path) -> None:
+def write_root_partition(log: BuildLog, image: Path, part: Partition, rootfs: Path,
+                         source_date_epoch: int | None) -> None:
     env = dict(os.environ)
-    if "SOURCE_DATE_EPOCH" in env:
-        env["E2FSPROGS_FAKE_TIME"] = env["SOURCE_DATE_EPOCH"]
+    if source_date_epoch is not None:
+        env["E2FSPROGS_FAKE_TIME"] = str(source_date_epoch)  # the superblock's times
     log.run(["mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-m", "1", "-L", "root",
              "-U", ROOT_FS_UUID,
              "-E", f"offset={part.start},hash_seed={ROOT_FS_UUID},root_owner=0:0",
              "-d", rootfs, image, str(part.size // 4096)], "mke2fs -d", env=env)
+    if source_date_epoch is not None:
+        clamp_inode_times(log, image, part, source_date_epoch)
+
+
+def used_inodes(log: BuildLog, filesystem: str) -> list[int]:
+    """Inode numbers in use, from the free ranges dumpe2fs lists per block group."""
+    listing = log.output(["dumpe2fs", filesystem], "dumpe2fs")
+    per_group = int(re.search(r"^Inodes per group:\s+(\d+)", listing, re.M).group(1))
+    used = []
+    groups = re.findall(r"^\s+Free inodes: ?(.*)$", listing, re.M)
+    for group, ranges in enumerate(groups):
+        free = set()
+        for part in filter(None, (r.strip() for r in ranges.split(","))):
+            low, _, high = part.partition("-")
+            free.update(range(int(low), int(high or low) + 1))
+        first = group * per_group + 1
+        used += [ino for ino in range(first, first + per_group) if ino not in free]
+    return used
+
+
+def clamp_inode_times(log: BuildLog, image: Path, part: Partition, epoch: int) -> None:
+    """mke2fs -d copies each file's access and change times from the build's tree, where
+    they are the time of the build (a change time cannot be set from user space); set both
+    to SOURCE_DATE_EPOCH on every used inode, so the same tree makes the same bytes."""
+    filesystem = f"{image}?offset={part.start}"
+    commands = "".join(f"sif <{ino}> {field} {epoch}\n"
+                       for ino in used_inodes(log, filesystem) for field in ("atime", "ctime"))
+    script = image.with_name(image.name + ".debugfs")
+    script.write_text(commands)
+    try:
+        # output(): debugfs echoes each of its tens of thousands of commands to stdout. The fake
+        # time keeps it from stamping the superblock's last write time with the clock.
+        log.output(["debugfs", "-w", "-f", script, filesystem], "debugfs: clamping inode times",
+                   env={**os.environ, "E2FSPROGS_FAKE_TIME": str(epoch)})
+    finally:
+        script.unlink(missing_ok=True)
 
 
 def assemble_image(log: BuildLog, image: Path, layout: DiskLayout, bootfs: Path,
-                   rootfs: Path) -> None:
-    """Write a sparse image file holding the partition table and both filesystems."""
+                   rootfs: Path, source_date_epoch: int | None = None) -> None:
+    """Write a sparse image file holding the partition table and both filesystems.
+
+    With `source_date_epoch` (or $SOURCE_DATE_EPOCH), the same trees give the same bytes.
+    """
+    if source_date_epoch is None and "SOURCE_DATE_EPOCH" in os.environ:
+        source_date_epoch = int(os.environ["SOURCE_DATE_EPOCH"])
     with image.open("wb") as f:
         f.truncate(layout.size)
     write_partition_table(log, image, layout)
     write_boot_partition(log, image, layout.boot, bootfs)
-    write_root_partition(log, image, layout.root, rootfs)
+    write_root_partition(log, image, layout.root, rootfs, source_date_epoch)

@@ -2,15 +2,19 @@
 
 All stages' package lists go into this single run: one dpkg run under emulation is several times
 faster than one per substage, and the substages' scripts then find every package in place. The
-result is cached as a tarball under the hash of everything that went into it.
+result is cached as a tarball under the hash of everything that went into it, with the versions
+it resolved beside it: those versions are an input of every later step's cache key.
 """
 
 import hashlib
 import json
+import os
 import subprocess
+import time
 from pathlib import Path
 
 from builder.buildlog import BuildLog
+from builder.cache import BuildCache, write_json_atomically
 from builder.chroot import namespaced
 from builder.imagespec import Base
 
@@ -75,27 +79,61 @@ def run_mmdebstrap(log: BuildLog, base: Base, packages: list[str], mirror: str, 
     log.run(namespaced(argv), "mmdebstrap")
 
 
-def bootstrap_rootfs(log: BuildLog, base: Base, packages: list[str], mirror: str,
-                     rootfs: Path, cache_dir: Path) -> str:
-    """Fill `rootfs` from the cache or with mmdebstrap; returns the cache key."""
-    key = bootstrap_key(base, packages, mirror)
-    tarball = cache_dir / "bootstrap" / f"{key}.tar"
+def unpack_tarball(log: BuildLog, tarball: Path, rootfs: Path, what: str) -> None:
     rootfs.mkdir(parents=True, exist_ok=True)
+    log.run(["tar", "-C", rootfs, *TAR_OPTIONS, "-xpf", tarball], what)
 
-    if tarball.exists():
-        log.info(f"cached base {key[:12]} ({tarball.stat().st_size // 2**20} MiB)")
-        log.run(["tar", "-C", rootfs, *TAR_OPTIONS, "-xpf", tarball], "unpacking the cached base")
-        return key
 
-    log.info(f"mmdebstrap {base.suite} {base.architecture}: {len(set(packages))} packages")
-    run_mmdebstrap(log, base, packages, mirror, rootfs, cache_dir / "debs")
-    tarball.parent.mkdir(parents=True, exist_ok=True)
-    partial = tarball.with_suffix(".partial")
+def pack_tarball(log: BuildLog, rootfs: Path, tarball: Path, what: str) -> None:
+    """The tree as a tarball, written under a temporary name and renamed when complete."""
+    partial = tarball.with_name(f".{tarball.name}.partial")
     try:
-        log.run(["tar", "-C", rootfs, *TAR_OPTIONS, "-cf", partial, "."], "caching the base")
+        log.run(["tar", "-C", rootfs, *TAR_OPTIONS, "-cf", partial, "."], what)
         partial.rename(tarball)
     finally:
         partial.unlink(missing_ok=True)
-    return key
 
 
+def installed_packages(dpkg_status: str) -> list[str]:
+    """'name=version:arch' of every installed package in a dpkg status file, sorted."""
+    packages = []
+    for stanza in dpkg_status.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in stanza.splitlines()
+                      if ": " in line and not line.startswith(" "))
+        if fields.get("Status", "").endswith(" installed"):
+            packages.append(f"{fields['Package']}={fields['Version']}:{fields['Architecture']}")
+    return sorted(packages)
+
+
+def resolved_packages(cache: BuildCache, key: str) -> list[str]:
+    """The package versions the cached base holds: they decide every later step.
+
+    Read from the base's meta file; a base cached before meta files existed has its dpkg
+    status read out of the tarball once, and the meta file written.
+    """
+    meta = cache.bootstrap_meta(key)
+    if meta.exists():
+        os.utime(meta)  # the base's last use
+        return json.loads(meta.read_text())["packages"]
+    tarball = cache.bootstrap_tarball(key)
+    status = subprocess.run(["tar", "-xOf", tarball, "./var/lib/dpkg/status"],
+                            capture_output=True, text=True, check=True).stdout
+    packages = installed_packages(status)
+    write_json_atomically(meta, {"step": "bootstrap", "key": key,
+                                 "created": tarball.stat().st_mtime, "packages": packages})
+    return packages
+
+
+def build_base(log: BuildLog, base: Base, packages: list[str], mirror: str, rootfs: Path,
+               cache: BuildCache, key: str) -> list[str]:
+    """mmdebstrap into `rootfs`, then cache it; returns the installed package versions."""
+    log.info(f"mmdebstrap {base.suite} {base.architecture}: {len(set(packages))} packages")
+    run_mmdebstrap(log, base, packages, mirror, rootfs, cache.root / "debs")
+    installed = installed_packages((rootfs / "var/lib/dpkg/status").read_text())
+    cache.bootstrap_dir.mkdir(parents=True, exist_ok=True)
+    # The meta file first: a tarball without one is still usable, the reverse is not.
+    write_json_atomically(cache.bootstrap_meta(key), {"step": "bootstrap", "key": key,
+                                                      "created": time.time(),
+                                                      "packages": installed})
+    pack_tarball(log, rootfs, cache.bootstrap_tarball(key), "caching the base")
+    return installed

@@ -152,3 +152,54 @@ def rebuild_node(node, target, site, out_dir, mirror, cache_dir, force, yes):
 
     rebuild(site, node, target, out_dir, cache_dir, mirror=mirror, force=force,
             confirm=None if yes else ask_on_terminal)
+
+
+CACHE_DIR_OPTION = click.option(
+    "--cache-dir", type=click.Path(path_type=Path), default=default_cache_dir,
+    show_default="$OKOME_IMAGE_CACHE or ~/.cache/okome-image", help="the cache folder")
+
+
+@main.group()
+def cache():
+    """The build cache: each step's result under the hash of its inputs."""
+
+
+@cache.command("list")
+@CACHE_DIR_OPTION
+def cache_list(cache_dir):
+    """Entries, least recently used first: key, step, size, age, last use."""
+    import time
+
+    from builder.cache import BuildCache, human_age, human_size
+
+    entries = BuildCache(cache_dir).entries()
+    now = time.time()
+    click.echo(f"{'key':<12}  {'step':<20}  {'size':>10}  {'age':>7}  {'last use':>8}")
+    for entry in entries:
+        click.echo(f"{entry.key[:12]}  {entry.step:<20}  {human_size(entry.size):>10}  "
+                   f"{human_age(now - entry.created):>7}  "
+                   f"{human_age(now - entry.last_used) + ' ago':>8}")
+    total = sum(entry.size for entry in entries)
+    click.echo(f"{len(entries)} entries, {human_size(total)} in {cache_dir}")
+
+
+@cache.command("prune")
+@CACHE_DIR_OPTION
+@click.option("--older-than", "older_than", metavar="DAYS",
+              help="remove entries not used for more than DAYS days")
+@click.option("--max-size", "max_size", metavar="SIZE",
+              help="then remove the least recently used until the rest fits in SIZE (20G, 500M)")
+def cache_prune(cache_dir, older_than, max_size):
+    """Remove cache entries by last use, by total size, or both. Downloaded .deb files and
+    running builds' folders are left alone."""
+    from builder.cache import BuildCache, human_size, parse_days, parse_size
+
+    if older_than is None and max_size is None:
+        raise UserError("nothing to prune by", "give --older-than DAYS, --max-size SIZE or both")
+    days = parse_days(older_than) if older_than is not None else None
+    size = parse_size(max_size) if max_size is not None else None
+    removed = BuildCache(cache_dir).prune(older_than_days=days, max_size=size)
+    for entry in removed:
+        click.echo(f"removed {entry.key[:12]}  {entry.step}")
+    click.echo(f"{len(removed)} entries removed, "
+               f"{human_size(sum(entry.size for entry in removed))} freed")

@@ -16,6 +16,8 @@ BUILD_TOOLS = {
     "mkfs.vfat": "dosfstools",
     "mcopy": "mtools",
     "mke2fs": "e2fsprogs",
+    "debugfs": "e2fsprogs",
+    "dumpe2fs": "e2fsprogs",
     "bmaptool": "bmap-tools",
     "zstd": "zstd",
 }

@@ -1,8 +1,11 @@
 """Overlays: file trees copied into the root filesystem; `*.j2` files are rendered from the site."""
 
+import hashlib
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import jinja2
 
@@ -54,28 +57,61 @@ def _mode_for(relative: Path, source: Path) -> int:
     return 0o755 if os.access(source, os.X_OK) else 0o644
 
 
-def render_overlay(name: str, rootfs: Path, context: dict) -> list[Path]:
-    """Copy overlay `name` into `rootfs`, rendering templates; returns the paths written."""
+@dataclass(frozen=True)
+class OverlayFile:
+    """One file as an overlay puts it into the image."""
+    path: Path  # relative to the root filesystem, without .j2
+    source: Path
+    mode: int | None  # None for a symlink
+    content: bytes | None = None  # None: copied from source as it is
+    link: str | None = None  # a symlink's target
+
+    def digest(self) -> str:
+        if self.link is not None:
+            return f"symlink:{self.link}"
+        content = self.content if self.content is not None else self.source.read_bytes()
+        return f"{self.mode:o}:{hashlib.sha256(content).hexdigest()}"
+
+
+def rendered_files(name: str, context: dict) -> Iterator[OverlayFile]:
+    """Every file of overlay `name` as it will be written: templates rendered, modes decided."""
     root = OVERLAYS_DIR / name
-    written = []
     for relative in overlay_files(name):
         source = root / relative
-        target_relative = relative.with_suffix("") if relative.suffix == ".j2" else relative
-        target = rootfs / target_relative
+        target = relative.with_suffix("") if relative.suffix == ".j2" else relative
+        if source.is_symlink():
+            yield OverlayFile(target, source, None, link=os.readlink(source))
+        elif relative.suffix == ".j2":
+            yield OverlayFile(target, source, _mode_for(target, source),
+                              content=render_template(source, context).encode())
+        else:
+            yield OverlayFile(target, source, _mode_for(target, source))
+
+
+def overlay_digest(names: list[str], context: dict) -> dict[str, str]:
+    """What the overlays write, as hashes: the rendered result, so a site value counts only
+    where a template uses it."""
+    return {f"{name}:{file.path}": file.digest()
+            for name in names for file in rendered_files(name, context)}
+
+
+def render_overlay(name: str, rootfs: Path, context: dict) -> list[Path]:
+    """Copy overlay `name` into `rootfs`, rendering templates; returns the paths written."""
+    written = []
+    for file in rendered_files(name, context):
+        target = rootfs / file.path
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.is_symlink() or target.exists():
             target.unlink()
 
-        if source.is_symlink():
-            target.symlink_to(os.readlink(source))
-        elif relative.suffix == ".j2":
-            target.write_text(render_template(source, context))
+        if file.link is not None:
+            target.symlink_to(file.link)
+        elif file.content is not None:
+            target.write_bytes(file.content)
         else:
-            shutil.copyfile(source, target)
-        if not source.is_symlink():
-            os.chmod(target, _mode_for(target_relative, source))
+            shutil.copyfile(file.source, target)
+        if file.mode is not None:
+            os.chmod(target, file.mode)
             os.chown(target, 0, 0)
-        written.append(target_relative)
+        written.append(file.path)
     return written
-
-
