@@ -203,3 +203,87 @@ def cache_prune(cache_dir, older_than, max_size):
         click.echo(f"removed {entry.key[:12]}  {entry.step}")
     click.echo(f"{len(removed)} entries removed, "
                f"{human_size(sum(entry.size for entry in removed))} freed")
+
+
+# -- the lab: several nodes on one private virtual network (builder/lab.py) ----------------------
+
+LAB_DIR_OPTION = click.option(
+    "--lab-dir", type=click.Path(path_type=Path), default=Path("out/lab/run"),
+    show_default=True, help="where a running lab keeps its disks, keys and state")
+
+
+@main.group()
+def lab():
+    """Boot the lab site's nodes together on a private network, and break them."""
+
+
+@lab.command("up")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("out/lab"),
+              show_default=True, help="where `build --site lab` put the role images")
+@click.option("--node", "nodes", multiple=True,
+              help="a node of the lab site to boot (repeatable) [default: the frontends]")
+@LAB_DIR_OPTION
+def lab_up(out_dir, nodes, lab_dir):
+    """Boot the nodes in the background and wait until keepalived runs on each."""
+    from builder.lab import Lab
+
+    if (lab_dir / "lab.json").exists():
+        raise UserError(f"a lab is already up in {lab_dir}", "okome-image lab down first")
+    if lab_dir.exists() and any(lab_dir.iterdir()):
+        # `lab down` removes the whole folder: it must be the lab's own.
+        raise UserError(f"{lab_dir} is not empty", "give --lab-dir a new or empty folder")
+    the_lab = Lab(out_dir, list(nodes) or None, work_dir=lab_dir, netns="okome-lab")
+    try:
+        the_lab.start(detach=True)
+        the_lab.save()
+        for name, seconds in the_lab.wait_until_up().items():
+            click.echo(f"{name}: up after {seconds:.0f} s, ssh -i {the_lab.admin_key} -p "
+                       f"{the_lab[name].ssh_port} {the_lab.site.admin.user}@127.0.0.1")
+    except BaseException:
+        the_lab.remove()
+        raise
+    click.echo(f"VIP {the_lab.vip} on {the_lab.wait_for_one_holder()}; "
+               "`okome-image lab down` stops it all")
+
+
+@lab.command("status")
+@LAB_DIR_OPTION
+def lab_status(lab_dir):
+    """Each node's state and who holds the VIP."""
+    from builder.lab import Lab
+
+    the_lab = Lab.attach(lab_dir)
+    for name, guest in the_lab.guests.items():
+        if guest.machine.process.poll() is not None:
+            click.echo(f"{name}: not running")
+            continue
+        status, state = guest.machine.execute("systemctl is-system-running")
+        click.echo(f"{name}: {guest.address}, ssh port {guest.machine.ssh_port}, "
+                   f"system {state.strip()}")
+    code, body = the_lab.http_via_vip()
+    click.echo(f"VIP {the_lab.vip}: held by {', '.join(the_lab.vip_holders()) or 'nobody'}; "
+               f"HTTP {code or 'no answer'} {body.strip()}")
+
+
+@lab.command("down")
+@LAB_DIR_OPTION
+def lab_down(lab_dir):
+    """Stop every guest and remove the lab's network and files."""
+    from builder.lab import Lab
+
+    Lab.attach(lab_dir).remove()
+    click.echo("lab stopped and removed")
+
+
+@lab.command("chaos")
+@click.argument("scenario", type=click.Choice(["nginx-killed", "link-cut", "gateway-down"]))
+@LAB_DIR_OPTION
+def lab_chaos(scenario, lab_dir):
+    """Break the cluster (SCENARIO) and check that it copes; print what was measured (the
+    VIP scenarios: what a client polling the VIP every 100 ms saw)."""
+    from builder.lab import Lab
+    from builder.lab_chaos import SCENARIOS
+
+    report = SCENARIOS[scenario](Lab.attach(lab_dir))
+    for key, value in report.items():
+        click.echo(f"{key}: {value}")

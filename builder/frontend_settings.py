@@ -69,6 +69,14 @@ class FrontendSettings(BaseModel):
                              "below the gateway's own idle timeout, so nginx never reuses one "
                              "the gateway is closing")
 
+    vrrp_check_interval_s: int = Field(
+        1, ge=1, le=60, description="how often keepalived asks the local nginx whether it serves")
+    vrrp_check_timeout_s: int = Field(
+        2, ge=1, le=60, description="a check of nginx slower than this counts as a failure")
+    vrrp_check_fall: int = Field(
+        2, ge=1, le=10, description="failed checks in a row that make the node give the VIP up")
+    vrrp_check_rise: int = Field(
+        2, ge=1, le=10, description="good checks in a row that make a failed node eligible again")
     probe_interval_s: int = Field(
         2, ge=1, le=60, description="how often the gateway's health endpoint is probed")
     probe_timeout_s: int = Field(

@@ -89,15 +89,18 @@ def admin_authorized_keys(site: Site) -> str:
     return "\n".join(keys) + "\n"
 
 
-def render_network(site: Site, node_name: str) -> str:
-    """The node's systemd-networkd file; it sorts before 90-okome-dhcp.network, so it wins."""
+def render_network(site: Site, node_name: str, match: str = "Name=en* eth*") -> str:
+    """The node's systemd-networkd file; it sorts before 90-okome-dhcp.network, so it wins.
+
+    By default it matches the same interfaces as the DHCP fallback (end0 on a Pi, enp0s*
+    under QEMU); the lab, whose guests have a second NIC, matches its lab NIC by MAC address.
+    """
     node = site.nodes[node_name]
     return "\n".join([
         f"# {node_name} of site {site.name}, written by `okome-image flash`. Edit it on the",
         "# card's boot partition (okome/network) and reboot; delete it to go back to DHCP.",
         "[Match]",
-        # The same interfaces the DHCP fallback matches: end0 on a Pi, enp0s* under QEMU.
-        "Name=en* eth*",
+        match,
         "",
         "[Network]",
         f"Address={node.address}/{site.network.prefix.prefixlen}",

@@ -7,9 +7,11 @@ the forwards below, all on 127.0.0.1. A guest forward makes one address of the g
 lead to a port on the host's loopback (a stub gateway, say), one socat per connection.
 """
 
+import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -78,6 +80,12 @@ class Machine:
     extra_disk_mib: int = 1024
     ssh_key: Path | None = None
     guest_address: str | None = None
+    # More QEMU arguments (a second NIC, say) and the descriptors they name (a tap's, opened
+    # by the caller in the namespace the tap lives in); QEMU inherits only these.
+    extra_qemu_args: list[str] = field(default_factory=list)
+    pass_fds: tuple[int, ...] = ()
+    # QEMU in a session of its own, so it outlives the command that started it (`lab up`).
+    detach: bool = False
 
     def __post_init__(self):
         self.process: subprocess.Popen | None = None
@@ -134,9 +142,23 @@ class Machine:
         bootpart.copy_boot_file(disk, kernel, self.work_dir / "kernel")
         bootpart.copy_boot_file(disk, initrd, self.work_dir / "initrd")
         self.host_ports = {port: free_port() for port in [22, *self.forward_ports]}
-        self.process = subprocess.Popen(self.qemu_argv(disk, guest_cmdline(disk)),
+        self.launch()
+
+    @property
+    def disk(self) -> Path:
+        return self.work_dir / "disk.img"
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.work_dir / "qmp.sock"
+
+    def launch(self) -> None:
+        """Start QEMU on the prepared disk: at first boot, or again after a crash."""
+        self._ssh = None
+        self.process = subprocess.Popen(self.qemu_argv(self.disk, guest_cmdline(self.disk)),
                                         stdin=None if self.serial_to_terminal
-                                        else subprocess.DEVNULL)
+                                        else subprocess.DEVNULL,
+                                        pass_fds=self.pass_fds, start_new_session=self.detach)
 
     def qemu_argv(self, disk: Path, cmdline: str) -> list[str]:
         netdev = "user,id=net0,restrict=on"
@@ -156,9 +178,12 @@ class Machine:
             "-append", cmdline,
             "-drive", f"if=none,id=disk,format=raw,cache=unsafe,file={disk}",
             "-device", "virtio-blk-pci,drive=disk",
-            "-netdev", netdev, "-device", "virtio-net-pci,netdev=net0",
+            # romfile=: no PXE option ROM (the kernel is given), so no ipxe-qemu is needed
+            "-netdev", netdev, "-device", "virtio-net-pci,netdev=net0,romfile=",
             "-device", "virtio-rng-pci",
             "-display", "none", "-serial", serial, "-no-reboot",
+            "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
+            *self.extra_qemu_args,
         ]
 
     def stop(self) -> None:
@@ -186,6 +211,41 @@ class Machine:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+    # -- faults -----------------------------------------------------------------------------
+
+    def qmp(self, command: str, **arguments) -> dict:
+        """One command on QEMU's machine protocol socket; returns its answer's `return`."""
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(str(self.qmp_socket))
+            stream = sock.makefile("rwb")
+            json.loads(stream.readline())  # the greeting
+            for request in ({"execute": "qmp_capabilities"},
+                            {"execute": command, "arguments": arguments}):
+                stream.write(json.dumps(request).encode() + b"\n")
+                stream.flush()
+                while True:
+                    answer = json.loads(stream.readline())
+                    if "event" not in answer:
+                        break
+                if "error" in answer:
+                    raise MachineError(f"{self.name}: QEMU refused {command}: "
+                                       f"{answer['error'].get('desc')}")
+            return answer.get("return", {})
+
+    def set_link(self, netdev: str, up: bool) -> None:
+        """Plug or unplug the cable of one NIC: the guest sees its carrier go and come."""
+        self.qmp("set_link", name=netdev, up=up)
+
+    def crash(self) -> None:
+        """Pull the plug: QEMU is killed at once, the guest gets no chance to shut down."""
+        if self._ssh:
+            self._ssh.close()
+            self._ssh = None
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
 
     # -- the test vocabulary ----------------------------------------------------------------
 

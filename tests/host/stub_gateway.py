@@ -271,9 +271,12 @@ def main() -> None:
     parser.add_argument("--static-dir", type=Path, help="serve /static/ from this directory")
     parser.add_argument("--interval", type=float, default=0.3, help="seconds between events")
     parser.add_argument("--events", type=int, default=5, help="events per stream")
+    parser.add_argument("--cacheable-max-age", type=int, default=60,
+                        help="max-age of /api/cacheable, in seconds")
     args = parser.parse_args()
     gateway = StubGateway(port=args.port, host=args.host, static_dir=args.static_dir,
-                          events=args.events, interval=args.interval).start()
+                          events=args.events, interval=args.interval,
+                          cacheable_max_age=args.cacheable_max_age).start()
     print(f"stub gateway on {gateway.url}", flush=True)
     try:
         threading.Event().wait()
