@@ -59,10 +59,17 @@ def main():
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=default_cache_dir,
               show_default="$OKOME_IMAGE_CACHE or ~/.cache/okome-image",
               help="downloaded packages and finished steps")
-def build(role, site, out_dir, mirror, cache_dir):
+@click.option("--in-docker", is_flag=True,
+              help="build inside a container of a locally made builder image (no root needed; "
+                   "for hosts that are not Debian)")
+def build(role, site, out_dir, mirror, cache_dir, in_docker):
     """Build a role's image: .img, .bmap, .img.zst, manifest.json, SHA256SUMS, build.log."""
     from builder.pipeline import build_image
 
+    if in_docker:
+        from builder.docker_build import build_in_docker
+
+        sys.exit(build_in_docker(role, site, out_dir, cache_dir, mirror=mirror))
     if os.geteuid() != 0:
         raise UserError("building an image needs root (mmdebstrap, chroot, file ownership)",
                         "run it with sudo, or as root")
@@ -221,7 +228,7 @@ def lab():
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("out/lab"),
               show_default=True, help="where `build --site lab` put the role images")
 @click.option("--node", "nodes", multiple=True,
-              help="a node of the lab site to boot (repeatable) [default: the frontends]")
+              help="a node of the lab site to boot (repeatable) [default: all of them]")
 @LAB_DIR_OPTION
 def lab_up(out_dir, nodes, lab_dir):
     """Boot the nodes in the background and wait until keepalived runs on each."""
@@ -276,7 +283,8 @@ def lab_down(lab_dir):
 
 
 @lab.command("chaos")
-@click.argument("scenario", type=click.Choice(["nginx-killed", "link-cut", "gateway-down"]))
+@click.argument("scenario", type=click.Choice(["nginx-killed", "link-cut", "gateway-down",
+                                               "backend-rebooted", "log-full"]))
 @LAB_DIR_OPTION
 def lab_chaos(scenario, lab_dir):
     """Break the cluster (SCENARIO) and check that it copes; print what was measured (the

@@ -1,5 +1,5 @@
-"""The lab: several booted role images on one private virtual network, and the verbs that tests
-(and `okome-image lab`) use to break it, in the spirit of the NixOS test driver.
+"""The lab: the lab site's booted role images on one private virtual network, and the verbs
+that tests (and `okome-image lab`) use to break it, in the spirit of the NixOS test driver.
 
 The network is a bridge inside a network namespace the lab creates and deletes. Each guest has
 two NICs: QEMU user networking for SSH from the host's loopback (as in a single boot, see
@@ -20,6 +20,7 @@ import ctypes
 import fcntl
 import json
 import os
+import secrets
 import shutil
 import struct
 import subprocess
@@ -42,7 +43,9 @@ from builder.site import Site, load_site
 
 LAB_NETDEV = "lab"
 BRIDGE = "okbr0"
-# The memory and vCPUs of each guest: two emulated arm64 guests share this 2-core machine.
+# The unit that must be active before a node of each role counts as up.
+ROLE_UNITS = {"frontend": "keepalived.service", "backend": "redis-server.service"}
+# The memory and vCPUs of each guest: three emulated arm64 guests share this 2-core machine.
 GUEST_MEMORY_MIB = 512
 GUEST_CPUS = 1
 STATE_FILE = "lab.json"
@@ -103,6 +106,7 @@ class Guest:
     """One node of the lab: its Machine and where it sits on the lab network."""
 
     name: str
+    role: str
     address: IPv4Address
     tap: str
     machine: Machine
@@ -116,7 +120,7 @@ class Lab:
                  memory_mib: int = GUEST_MEMORY_MIB, cpus: int = GUEST_CPUS):
         self.site: Site = load_site(site)
         self.out_dir = out_dir
-        self.node_names = nodes or sorted(self.site.nodes_of_role("frontend"))
+        self.node_names = nodes or sorted(self.site.nodes)
         for name in self.node_names:
             if name not in self.site.nodes:
                 raise UserError(f"site {self.site.name} has no node '{name}'",
@@ -168,8 +172,9 @@ class Lab:
         self.start_gateway()
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "okome lab admin",
                         "-f", str(self.admin_key)], check=True)
+        sources = self._throwaway_sources()
         for name in self.node_names:
-            self.guests[name] = self._boot(name, detach)
+            self.guests[name] = self._boot(name, detach, sources)
 
     def _check_images(self) -> None:
         for name in self.node_names:
@@ -188,32 +193,46 @@ class Lab:
         _ip("-n", self.netns, "link", "set", BRIDGE, "up")
         _ip("-n", self.netns, "link", "set", "lo", "up")
 
-    def _identity(self, name: str) -> dict[str, bytes]:
+    def _throwaway_sources(self) -> dict[str, str]:
+        """Values for the site's variables that `flash` would read: the lab's admin key for the
+        admin's, and a fresh random value for each secret not set already (redis passwords).
+        They live in the guests' identities only, never in the lab's files."""
+        values = {}
+        if self.site.admin.authorized_keys.env:
+            values[self.site.admin.authorized_keys.env] = \
+                self.admin_key.with_suffix(".pub").read_text()
+        for source in self.site.secrets.values():
+            if source.env and source.env not in os.environ:
+                values[source.env] = secrets.token_hex(24)
+        return values
+
+    def _identity(self, name: str, sources: dict[str, str]) -> dict[str, bytes]:
         """What `flash` writes for the node, with the network file bound to the lab NIC."""
         node = self.site.nodes[name]
-        saved = os.environ.get("OKOME_LAB_ADMIN_KEYS")
-        os.environ["OKOME_LAB_ADMIN_KEYS"] = self.admin_key.with_suffix(".pub").read_text()
+        saved = {variable: os.environ.get(variable) for variable in sources}
+        os.environ.update(sources)
         try:
             files = node_identity(self.site, name, node.role)
         finally:
-            if saved is None:
-                del os.environ["OKOME_LAB_ADMIN_KEYS"]
-            else:
-                os.environ["OKOME_LAB_ADMIN_KEYS"] = saved
+            for variable, value in saved.items():
+                if value is None:
+                    del os.environ[variable]
+                else:
+                    os.environ[variable] = value
         files["network"] = render_network(
             self.site, name, match=f"MACAddress={lab_mac(node.address)}").encode()
         return files
 
-    def _boot(self, name: str, detach: bool) -> Guest:
+    def _boot(self, name: str, detach: bool, sources: dict[str, str]) -> Guest:
         node = self.site.nodes[name]
         tap = f"oktap{len(self.guests)}"
         machine = Machine(
             artifact_paths(self.out_dir, node.role).image, name=name,
             user=self.site.admin.user, memory_mib=self.memory_mib, cpus=self.cpus,
-            identity=self._identity(name), ssh_key=self.admin_key,
+            identity=self._identity(name, sources), ssh_key=self.admin_key,
             work_dir=self.work_dir / name, detach=detach)
         machine.work_dir.mkdir(parents=True, exist_ok=True)
-        guest = Guest(name, node.address, tap, machine)
+        guest = Guest(name, node.role, node.address, tap, machine)
         self._plug(guest)
         try:
             machine.start()
@@ -252,6 +271,7 @@ class Lab:
             if self.gateway.poll() is not None or time.monotonic() > deadline:
                 raise UserError(f"the lab's stub gateway did not come up on {url}")
             time.sleep(0.2)
+        self._keep_state()
 
     def stop_gateway(self) -> None:
         """The gateway gone: connections to it are refused."""
@@ -273,17 +293,22 @@ class Lab:
             shutil.rmtree(self.work_dir, ignore_errors=True)
 
     def wait_until_up(self, timeout: float = 600) -> dict[str, float]:
-        """Block until each guest has SSH and keepalived is running; seconds to SSH each."""
+        """Block until each guest has SSH and its role's main unit (ROLE_UNITS) is active;
+        seconds to SSH each."""
         seconds = {}
         for name, guest in self.guests.items():
             seconds[name] = guest.machine.wait_for_ssh(timeout)
-            guest.machine.wait_for_unit("keepalived.service", timeout=120)
+            guest.machine.wait_for_unit(ROLE_UNITS[guest.role], timeout=120)
         return seconds
 
     # -- looking at it ----------------------------------------------------------------------
 
     def __getitem__(self, name: str) -> Machine:
         return self.guests[name].machine
+
+    def of_role(self, role: str) -> list[str]:
+        """The lab's nodes of one role, by name."""
+        return [name for name, guest in self.guests.items() if guest.role == role]
 
     def run_in_network(self, argv: list[str], timeout: float = 30,
                        check: bool = False) -> subprocess.CompletedProcess:
@@ -292,10 +317,10 @@ class Lab:
                               text=True, timeout=timeout, check=check)
 
     def vip_holders(self) -> list[str]:
-        """The nodes that have the VIP on an interface, as each of them says."""
+        """The frontends that have the VIP on an interface, as each of them says."""
         holders = []
         for name, guest in self.guests.items():
-            if guest.machine.process.poll() is not None:
+            if guest.role != "frontend" or guest.machine.process.poll() is not None:
                 continue
             status, output = guest.machine.execute(f"ip -o -4 addr show to {self.vip}/32")
             if status == 0 and output.strip():
@@ -351,12 +376,31 @@ class Lab:
             guest.machine.launch()
         finally:
             self._unplug_fd(guest)
+        self._keep_state()
+
+    def reboot(self, name: str, timeout: float = 120) -> None:
+        """A clean reboot of a guest, as `systemctl reboot` on the node does it. QEMU runs with
+        -no-reboot, so it exits when the guest's shutdown is done and is started again here:
+        same disk, same identity."""
+        machine = self[name]
+        # From a timer, so the SSH session that asks gets its answer before sshd stops.
+        machine.succeed("systemd-run --on-active=1 --timer-property=AccuracySec=100ms "
+                        "systemctl reboot")
+        try:
+            machine.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise MachineError(f"{name}: still running {timeout:.0f} s after "
+                               f"`systemctl reboot`; console:\n{machine.console_tail()}") \
+                from None
+        self.restart(name)
 
     @contextmanager
-    def vip_client(self, path: str = "/okome/health",
-                   interval_s: float = 0.1) -> Iterator["VipClient"]:
-        """A client inside the lab network that requests the VIP every `interval_s`."""
-        client = VipClient(self, path, interval_s)
+    def vip_client(self, path: str = "/okome/health", interval_s: float = 0.1,
+                   timeout_s: float = 0.5) -> Iterator["VipClient"]:
+        """A client inside the lab network that requests the VIP every `interval_s`; a request
+        not answered within `timeout_s` counts as failed (short, so a dead holder costs few
+        polls; longer where only whether an answer comes matters)."""
+        client = VipClient(self, path, interval_s, timeout_s)
         client.start()
         try:
             yield client
@@ -376,6 +420,12 @@ class Lab:
         path.write_text(json.dumps(state, indent=2) + "\n")
         return path
 
+    def _keep_state(self) -> None:
+        """A lab that outlives the command that started it (`lab up`) keeps its state file
+        current when a process of it is replaced, so `lab down` stops the new one."""
+        if (self.work_dir / STATE_FILE).exists():
+            self.save()
+
     @classmethod
     def attach(cls, work_dir: Path) -> "Lab":
         """The lab that `okome-image lab up` left running in `work_dir`."""
@@ -393,11 +443,12 @@ class Lab:
         for name, saved in state["guests"].items():
             node = lab.site.nodes[name]
             machine = Machine(artifact_paths(lab.out_dir, node.role).image, name=name,
-                              user=lab.site.admin.user, ssh_key=lab.admin_key,
-                              work_dir=work_dir / name)
+                              user=lab.site.admin.user, memory_mib=lab.memory_mib,
+                              cpus=lab.cpus, ssh_key=lab.admin_key, work_dir=work_dir / name,
+                              detach=True)
             machine.process = RunningProcess(saved["pid"])
             machine.host_ports = {22: saved["ssh_port"]}
-            lab.guests[name] = Guest(name, node.address, saved["tap"], machine)
+            lab.guests[name] = Guest(name, node.role, node.address, saved["tap"], machine)
         return lab
 
     def remove(self) -> None:
@@ -467,7 +518,7 @@ print(json.dumps({"status": answer.status, "headers": dict(answer.headers.items(
 # until stdin closes. Each request is on a fresh connection, as a new client would make it.
 _CLIENT = r"""
 import json, sys, threading, time, urllib.request
-url, interval = sys.argv[1], float(sys.argv[2])
+url, interval, timeout = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 stop = threading.Event()
 threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
 opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -475,7 +526,7 @@ next_at = time.monotonic()
 while not stop.is_set():
     started, wall = time.monotonic(), time.time()
     try:
-        with opener.open(url, timeout=max(interval * 5, 0.5)) as answer:
+        with opener.open(url, timeout=timeout) as answer:
             node = json.loads(answer.read()).get("node", "?")
             line = {"t": wall, "ok": answer.status == 200, "node": node}
     except Exception as err:
@@ -490,9 +541,10 @@ while not stop.is_set():
 class VipClient:
     """Polls the VIP from inside the lab network and keeps every answer (or failure)."""
 
-    def __init__(self, lab: Lab, path: str, interval_s: float):
+    def __init__(self, lab: Lab, path: str, interval_s: float, timeout_s: float):
         self.url = f"http://{lab.vip}{path}"
         self.interval_s = interval_s
+        self.timeout_s = timeout_s
         self.lab = lab
         self.results: list[dict] = []
         self._process: subprocess.Popen | None = None
@@ -501,7 +553,8 @@ class VipClient:
     def start(self) -> None:
         self._process = subprocess.Popen(
             ["ip", "netns", "exec", self.lab.netns, sys.executable, "-c", _CLIENT, self.url,
-             str(self.interval_s)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             str(self.interval_s), str(self.timeout_s)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 

@@ -1,7 +1,7 @@
-"""Chaos scenarios on a running lab (builder/lab.py): each breaks the VIP holder while a client
-inside the lab network requests the VIP every 100 ms, checks that the cluster did the right
-thing, and returns what the client saw. `okome-image lab chaos` and tests/boot/test_lab.py run
-the same functions, so what the command shows is what the tests prove.
+"""Chaos scenarios on a running lab (builder/lab.py): each breaks one part of the cluster while a
+client inside the lab network requests the VIP every 100 ms, checks that the cluster did the
+right thing, and returns what the client saw. `okome-image lab chaos` and tests/boot/test_lab.py
+run the same functions, so what the command shows is what the tests prove.
 """
 
 import time
@@ -117,8 +117,88 @@ def gateway_down(lab: Lab) -> dict:
     return report
 
 
+# On the backend: redis answers its metrics user, whose password the node keeps for the exporter.
+REDIS_PING = (". /etc/okome/redis-exporter.env && REDISCLI_AUTH=\"$REDIS_PASSWORD\" "
+              "redis-cli --no-auth-warning --user metrics ping")
+
+
+# Where a scenario asks only whether the frontends keep answering, a slow answer is an answer:
+# three emulated guests share two cores, and a booting backend can slow a frontend's reply past
+# the failover client's half second.
+SERVING_TIMEOUT_S = 5
+
+
+def _served_throughout(client, since: float) -> dict:
+    """What the client saw from `since` on; raises if any request failed."""
+    seen = client.outage(since)
+    report = {"requests": seen["requests"], "failed": seen["failed"]}
+    if seen["failed"] or not seen["requests"]:
+        failures = [r for r in client.results if r["t"] >= since and not r["ok"]]
+        raise MachineError(f"the VIP did not answer throughout: {report}; "
+                           f"failures {failures[:5]}; last answers {client.results[-3:]}")
+    return report
+
+
+def backend_rebooted(lab: Lab) -> dict:
+    """The backend rebooted cleanly: the frontends keep answering through the VIP all along (the
+    gateway is the backend's only client; nothing on a frontend waits on it), and the backend
+    comes back with redis answering."""
+    backends = lab.of_role("backend")
+    if not backends:
+        raise MachineError("the lab has no backend node: okome-image lab up --node backend ...")
+    backend = backends[0]
+    with lab.vip_client(timeout_s=SERVING_TIMEOUT_S) as client:
+        holder = _holder_and_client_ready(lab, client)
+        since, started = time.time(), time.monotonic()
+        lab.reboot(backend)
+        seconds_down = round(time.monotonic() - started, 1)
+        lab[backend].wait_for_ssh(timeout=300)
+        lab[backend].wait_for_unit("redis-server.service")
+        pong = lab[backend].succeed(REDIS_PING).strip()
+        if pong != "PONG":
+            raise MachineError(f"{backend}: redis answered {pong!r} to PING after the reboot")
+        report = {"holder": holder, "backend_down_s": seconds_down,
+                  "backend_back_s": round(time.monotonic() - started, 1),
+                  **_served_throughout(client, since)}
+    _expect(lab.request("/v1/echo"), "an API call after the backend's reboot", 200)
+    return report
+
+
+# tmpfs has no blocks reserved for root: this fills /var/log to the last byte.
+FILL_LOG = ("dd if=/dev/zero of=/var/log/okome-chaos-fill bs=1M status=none 2>/dev/null; "
+            "df --output=avail -B1 /var/log | tail -n 1")
+
+
+def log_full(lab: Lab) -> dict:
+    """/var/log (a size-capped tmpfs) filled to the last byte on the VIP holder: nginx cannot
+    write its logs but keeps serving, cached and proxied alike; its check keeps passing, so the
+    VIP stays where it is. Then the filler is removed."""
+    with lab.vip_client(timeout_s=SERVING_TIMEOUT_S) as client:
+        holder = _holder_and_client_ready(lab, client)
+        since = time.time()
+        try:
+            free = int(lab[holder].succeed(FILL_LOG).split()[-1])
+            if free != 0:
+                raise MachineError(f"{holder}: /var/log still has {free} bytes free after dd")
+            # Several check intervals, and enough requests for nginx to have tried to log.
+            time.sleep(10)
+            for path in ("/api/cacheable?lab=log-full", "/v1/echo"):
+                _expect(lab.request(path), f"GET {path} with /var/log full", 200)
+            holders = lab.vip_holders()
+            report = {"holder": holder, "holders_while_full": holders,
+                      **_served_throughout(client, since)}
+        finally:
+            lab[holder].succeed("rm -f /var/log/okome-chaos-fill")
+    if holders != [holder]:
+        raise MachineError(f"with /var/log full on {holder}, the VIP went to {holders}")
+    lab[holder].succeed("systemctl is-active nginx.service")
+    return report
+
+
 SCENARIOS: dict[str, Callable[[Lab], dict]] = {
     "nginx-killed": nginx_killed,
     "link-cut": link_cut,
     "gateway-down": gateway_down,
+    "backend-rebooted": backend_rebooted,
+    "log-full": log_full,
 }
