@@ -1,10 +1,10 @@
 """The backend's redis, as rendered for the lab site, run by Debian's redis-server on loopback.
 
 The rendered config is used as it is, except for the lines that name the node's paths and its
-listening address, which are moved into a temporary directory and onto 127.0.0.1. The memory
-limit is made by the image's own okome-redis-memory script, from a small fake /proc/meminfo, so
-that filling the cache past it takes a moment; the ACL comes from render_redis_acl with
-throwaway passwords.
+port, which are moved into a temporary directory. The memory limit is made by the image's own
+okome-redis-memory script, from a small fake /proc/meminfo, so that filling the cache past it
+takes a moment; the addresses by its okome-redis-listen script, as on a card without identity
+(loopback only); the ACL comes from render_redis_acl with throwaway passwords.
 """
 
 import os
@@ -35,6 +35,9 @@ from builder.site import load_site
 from okome_cache.testing import LocalRedisServer, free_port
 
 FAKE_MEMTOTAL_KIB = 16384
+# What redis.conf includes: files the boot units write.
+MAXMEMORY_CONF = "/run/okome-redis/maxmemory.conf"
+LISTEN_CONF = "/run/okome-redis-listen/listen.conf"
 
 
 @dataclass
@@ -83,13 +86,27 @@ def run_memory_script(root: Path, meminfo_text: str,
     return result, output
 
 
+def run_listen_script(root: Path, workdir: Path, network: Path | None = None
+                      ) -> tuple[subprocess.CompletedProcess, Path]:
+    """okome-redis-listen as its unit runs it, writing into `workdir` and reading `network` as
+    the node's network file (none: a card without identity)."""
+    script, _ = exec_start(root / "etc/systemd/system/okome-redis-listen.service")
+    output = workdir / "listen.conf"
+    network = network or workdir / "no-network-file"
+    result = subprocess.run([root / script.lstrip("/"), output, network],
+                            capture_output=True, text=True)
+    return result, output
+
+
 def relocated_config(text: str, replacements: dict[str, str]) -> str:
-    """The config with each named directive's value replaced; each must occur exactly once."""
+    """The config with lines replaced. A key is a directive that occurs exactly once, or a
+    whole line (for a directive that occurs several times, such as include); its value is the
+    directive's new value."""
     lines = text.splitlines()
-    for directive, value in replacements.items():
-        matches = [i for i, line in enumerate(lines) if line.split(" ", 1)[0] == directive]
-        assert len(matches) == 1, f"{directive} appears {len(matches)} times in redis.conf"
-        lines[matches[0]] = f"{directive} {value}"
+    for key, value in replacements.items():
+        matches = [i for i, line in enumerate(lines) if line == key or line.split(" ", 1)[0] == key]
+        assert len(matches) == 1, f"{key} appears {len(matches)} times in redis.conf"
+        lines[matches[0]] = f"{key.split(' ', 1)[0]} {value}"
     return "\n".join(lines) + "\n"
 
 
@@ -113,6 +130,8 @@ def start_backend(rendered, tmp_path):
         memory, limit_file = run_memory_script(
             rendered.root, f"MemTotal: {FAKE_MEMTOTAL_KIB} kB\n", workdir)
         assert memory.returncode == 0, memory.stderr
+        listen, listen_file = run_listen_script(rendered.root, workdir)
+        assert listen.returncode == 0, listen.stderr
         acl = workdir / "users.acl"
         acl.write_text(render_redis_acl(rendered.gateway_password, rendered.metrics_password))
 
@@ -120,9 +139,9 @@ def start_backend(rendered, tmp_path):
         config = workdir / "redis.conf"
         config.write_text(relocated_config(
             (rendered.root / "etc/redis/redis.conf").read_text(),
-            {"bind": "127.0.0.1", "port": str(port), "dir": str(data_dir),
-             "pidfile": str(workdir / "redis.pid"), "include": str(limit_file),
-             "aclfile": str(acl)}))
+            {"port": str(port), "dir": str(data_dir), "pidfile": str(workdir / "redis.pid"),
+             f"include {MAXMEMORY_CONF}": str(limit_file),
+             f"include {LISTEN_CONF}": str(listen_file), "aclfile": str(acl)}))
         server = LocalRedisServer(workdir, port, [str(config)]).start()
         servers.append(server)
         limit_kib = int(FAKE_MEMTOTAL_KIB * rendered.site.backend.memory_fraction)
@@ -287,3 +306,24 @@ def test_the_firewall_table_passes_nfts_own_check(site_name, tmp_path):
     result = subprocess.run(["nft", "-c", "-f", tmp_path / "etc/nftables.d/okome-redis.nft"],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_listen_script_binds_loopback_and_the_nodes_own_address(rendered, tmp_path):
+    network = tmp_path / "10-okome-node.network"
+    network.write_text("[Match]\nName=en*\n\n[Network]\nAddress=10.86.0.19/24\n"
+                       "Gateway=10.86.0.1\n")
+    result, listen = run_listen_script(rendered.root, tmp_path, network)
+    assert result.returncode == 0, result.stderr
+    assert listen.read_text() == "bind 127.0.0.1 -::1 10.86.0.19\n"
+
+    result, listen = run_listen_script(rendered.root, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert listen.read_text() == "bind 127.0.0.1 -::1\n"
+
+
+def test_redis_listens_on_loopback_only_without_an_identity(backend):
+    listening = subprocess.run(["ss", "-Htlnp", f"sport = :{backend.server.port}"],
+                               capture_output=True, text=True, check=True).stdout
+    local = {line.split()[3] for line in listening.splitlines()}
+    assert local <= {f"127.0.0.1:{backend.server.port}", f"[::1]:{backend.server.port}"}
+    assert f"127.0.0.1:{backend.server.port}" in local

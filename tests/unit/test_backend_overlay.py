@@ -57,9 +57,22 @@ def test_the_memory_limit_comes_from_the_file_the_boot_unit_writes(rendered):
     command = shlex.split(unit["ExecStart"][0])
     assert command[0] == "/usr/local/sbin/okome-redis-memory"
     assert float(command[1]) == site.backend.memory_fraction
-    assert conf["include"] == [command[2]]
+    assert command[2] in conf["include"]
     assert command[2].startswith("/run/" + unit["RuntimeDirectory"][0] + "/")
     assert (root / command[0].lstrip("/")).stat().st_mode & 0o777 == 0o755
+
+
+def test_redis_listens_where_the_boot_unit_says_after_the_identity_is_applied(rendered):
+    _, root = rendered
+    conf = directives((root / "etc/redis/redis.conf").read_text())
+    assert "bind" not in conf, "the addresses come from the node's identity, at boot"
+    unit = directives((root / "etc/systemd/system/okome-redis-listen.service").read_text())
+    command = shlex.split(unit["ExecStart"][0])
+    assert command[1] in conf["include"]
+    assert command[1].startswith("/run/" + unit["RuntimeDirectory"][0] + "/")
+    assert "okome-identity.service" in unit["After"]
+    sysctl = directives((root / "etc/sysctl.d/60-okome-redis.conf").read_text())
+    assert sysctl["net.ipv4.ip_nonlocal_bind"] == ["1"]
 
 
 def test_redis_waits_for_its_limit_firewall_and_acl(rendered):
@@ -69,7 +82,8 @@ def test_redis_waits_for_its_limit_firewall_and_acl(rendered):
     assert dropin["ConditionPathExists"] == [ACL_PATH]
     required = " ".join(dropin["Requires"]).split()
     ordered_after = " ".join(dropin["After"]).split()
-    for unit in ("okome-redis-memory.service", "okome-redis-firewall.service"):
+    for unit in ("okome-redis-memory.service", "okome-redis-listen.service",
+                 "okome-redis-firewall.service"):
         assert unit in required and unit in ordered_after
     assert "okome-transparent-hugepages.service" in " ".join(dropin["Wants"])
 
@@ -124,6 +138,6 @@ def test_every_unit_and_dropin_of_the_overlay_is_written(rendered):
     units = {path.relative_to(root) for path in (root / "etc/systemd/system").rglob("*")
              if path.is_file()}
     assert units == {Path("etc/systemd/system") / name for name in (
-        "okome-redis-firewall.service", "okome-redis-memory.service",
+        "okome-redis-firewall.service", "okome-redis-memory.service", "okome-redis-listen.service",
         "okome-transparent-hugepages.service", "redis-server.service.d/okome.conf",
         "prometheus-redis-exporter.service.d/okome.conf")}
