@@ -43,8 +43,9 @@ def mmdebstrap_version() -> str:
     return result.stdout.strip()
 
 
-def bootstrap_key(base: Base, packages: list[str], mirror: str) -> str:
-    """Hash of everything that decides the bootstrapped tree."""
+def bootstrap_recipe(base: Base, packages: list[str], mirror: str) -> str:
+    """Hash of everything of ours that decides the bootstrapped tree: all but the mirror's
+    state."""
     inputs = {
         "base": base.model_dump(),
         "packages": sorted(set(packages)),
@@ -55,6 +56,25 @@ def bootstrap_key(base: Base, packages: list[str], mirror: str) -> str:
         "mmdebstrap": mmdebstrap_version(),
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def bootstrap_key(recipe: str, release: str) -> str:
+    """The base's key: our recipe and the mirror's Release file (builder/mirror.py), which
+    changes whenever a package of the suite does; so a base is never reused once the mirror
+    would resolve a package to another version."""
+    return hashlib.sha256(json.dumps({"recipe": recipe, "release": release},
+                                     sort_keys=True).encode()).hexdigest()
+
+
+def newest_base(cache: BuildCache, recipe: str) -> str | None:
+    """The key of the newest cached base made from `recipe`, whatever the mirror's state was
+    then: what a build uses when the mirror cannot be asked."""
+    found = []
+    for meta in cache.bootstrap_dir.glob("*.json"):
+        info = json.loads(meta.read_text())
+        if info.get("recipe") == recipe and cache.bootstrap_tarball(info["key"]).exists():
+            found.append((info.get("created", 0), info["key"]))
+    return max(found)[1] if found else None
 
 
 def run_mmdebstrap(log: BuildLog, base: Base, packages: list[str], mirror: str, rootfs: Path,
@@ -106,26 +126,15 @@ def installed_packages(dpkg_status: str) -> list[str]:
 
 
 def resolved_packages(cache: BuildCache, key: str) -> list[str]:
-    """The package versions the cached base holds: they decide every later step.
-
-    Read from the base's meta file; a base cached before meta files existed has its dpkg
-    status read out of the tarball once, and the meta file written.
-    """
+    """The package versions the cached base holds (its meta file): they decide every later
+    step."""
     meta = cache.bootstrap_meta(key)
-    if meta.exists():
-        os.utime(meta)  # the base's last use
-        return json.loads(meta.read_text())["packages"]
-    tarball = cache.bootstrap_tarball(key)
-    status = subprocess.run(["tar", "-xOf", tarball, "./var/lib/dpkg/status"],
-                            capture_output=True, text=True, check=True).stdout
-    packages = installed_packages(status)
-    write_json_atomically(meta, {"step": "bootstrap", "key": key,
-                                 "created": tarball.stat().st_mtime, "packages": packages})
-    return packages
+    os.utime(meta)  # the base's last use
+    return json.loads(meta.read_text())["packages"]
 
 
 def build_base(log: BuildLog, base: Base, packages: list[str], mirror: str, rootfs: Path,
-               cache: BuildCache, key: str) -> list[str]:
+               cache: BuildCache, recipe: str, key: str) -> list[str]:
     """mmdebstrap into `rootfs`, then cache it; returns the installed package versions."""
     log.info(f"mmdebstrap {base.suite} {base.architecture}: {len(set(packages))} packages")
     run_mmdebstrap(log, base, packages, mirror, rootfs, cache.root / "debs")
@@ -133,6 +142,7 @@ def build_base(log: BuildLog, base: Base, packages: list[str], mirror: str, root
     cache.bootstrap_dir.mkdir(parents=True, exist_ok=True)
     # The meta file first: a tarball without one is still usable, the reverse is not.
     write_json_atomically(cache.bootstrap_meta(key), {"step": "bootstrap", "key": key,
+                                                      "recipe": recipe,
                                                       "created": time.time(),
                                                       "packages": installed})
     pack_tarball(log, rootfs, cache.bootstrap_tarball(key), "caching the base")

@@ -1,6 +1,8 @@
 """The Debian mirror to bootstrap from: the one the build host's apt already uses."""
 
+import hashlib
 import re
+import urllib.request
 from pathlib import Path
 
 from builder.errors import UserError
@@ -47,3 +49,13 @@ def host_mirror(suite: str, sources_dir: Path = APT_SOURCES) -> str:
                 return uri.rstrip("/")
     raise UserError(f"no Debian mirror for {suite} in the host's apt sources",
                     "pass --mirror URL")
+
+
+def mirror_release(mirror: str, suite: str, timeout: float = 20) -> str:
+    """SHA-256 of the mirror's signed Release file for `suite`: it lists the hash of every
+    package index of the suite, so it changes whenever any package there does. Fetched like
+    mmdebstrap's apt fetches (proxies from the environment); raises OSError when the mirror
+    does not answer."""
+    url = f"{mirror.rstrip('/')}/dists/{suite}/InRelease"
+    with urllib.request.urlopen(url, timeout=timeout) as answer:
+        return hashlib.sha256(answer.read()).hexdigest()

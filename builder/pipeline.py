@@ -30,7 +30,7 @@ from builder.chroot import mounts_under, run_in_chroot, run_script_in_chroot, se
 from builder.errors import UserError
 from builder.hosttools import BUILD_TOOLS, ensure_arm64_binfmt, require_tools
 from builder.imagespec import ImageSpec, image_spec_path, load_image_spec
-from builder.mirror import host_mirror
+from builder.mirror import host_mirror, mirror_release
 from builder.overlay import overlay_digest, render_overlay
 from builder.paths import BUILDER_DIR, OVERLAYS_DIR, PROJECT_DIR, STAGES_DIR
 from builder.site import Site, load_site, resolve_site_path
@@ -219,6 +219,9 @@ CLEAN_GLOBS = [
     "root/.bash_history",
     "etc/resolv.conf",
 ]
+# Log folders stay (packages expect them; /var/log is a tmpfs at boot anyway), except the
+# journal's: journald keeps the journal in memory, and this folder would invite it onto the card.
+CLEAN_DIRS = ["var/log/journal"]
 
 
 def clean_rootfs(log: BuildLog, rootfs: Path, source_date_epoch: int) -> None:
@@ -232,6 +235,10 @@ def clean_rootfs(log: BuildLog, rootfs: Path, source_date_epoch: int) -> None:
                 shutil.rmtree(path)
             else:
                 path.unlink()
+            removed += 1
+    for name in CLEAN_DIRS:
+        if (rootfs / name).is_dir():
+            shutil.rmtree(rootfs / name)
             removed += 1
     (rootfs / "etc/machine-id").write_text("")
     dbus_id = rootfs / "var/lib/dbus/machine-id"
@@ -494,15 +501,31 @@ def bootstrap_base(log: BuildLog, inputs: BuildInputs, cache: BuildCache,
                    rootfs: Path) -> tuple[str, list[str], bool]:
     """Step 2: the base's key, its installed package versions, and whether it was cached.
 
-    A cached base is not unpacked here: a later step's entry may make it unnecessary.
+    The key covers the mirror's current Release file, so a base is remade once the mirror
+    has new versions. When the mirror does not answer, the newest base of the same recipe is
+    used, and the build says so. A cached base is not unpacked here: a later step's entry may
+    make it unnecessary.
     """
-    key = bootstrap.bootstrap_key(inputs.spec.base, inputs.packages, inputs.mirror)
+    suite = inputs.spec.base.suite
+    recipe = bootstrap.bootstrap_recipe(inputs.spec.base, inputs.packages, inputs.mirror)
+    try:
+        key = bootstrap.bootstrap_key(recipe, mirror_release(inputs.mirror, suite))
+    except OSError as err:
+        key = bootstrap.newest_base(cache, recipe)
+        if key is None:
+            raise UserError(f"the mirror {inputs.mirror} does not answer for {suite}: {err}",
+                            "check the network or the host's apt sources, or pass "
+                            "--mirror URL") from None
+        created = json.loads(cache.bootstrap_meta(key).read_text())["created"]
+        log.info(f"[yellow]the mirror does not answer ({err}): using the cached base "
+                 f"{key[:12]} of {time.strftime('%Y-%m-%d', time.gmtime(created))}, "
+                 "which may lack the mirror's newest versions[/]")
     if cache.bootstrap_tarball(key).exists():
         installed = bootstrap.resolved_packages(cache, key)
         log.info(f"cached base {key[:12]}: {len(installed)} packages")
         return key, installed, True
     installed = bootstrap.build_base(log, inputs.spec.base, inputs.packages, inputs.mirror,
-                                     rootfs, cache, key)
+                                     rootfs, cache, recipe, key)
     return key, installed, False
 
 

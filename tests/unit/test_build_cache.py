@@ -15,10 +15,11 @@ from builder.paths import PROJECT_DIR
 # (builder/paths.py); the mirror is given, so the host's apt sources play no part.
 KEYS_SCRIPT = """
 import json, sys
-from builder.bootstrap import bootstrap_key
+from builder.bootstrap import bootstrap_key, bootstrap_recipe
 from builder.pipeline import load_inputs, plan_steps
 inputs = load_inputs("frontend", "lab", "http://mirror.example/debian")
-base = bootstrap_key(inputs.spec.base, inputs.packages, inputs.mirror)
+base = bootstrap_key(bootstrap_recipe(inputs.spec.base, inputs.packages, inputs.mirror),
+                     sys.argv[2])
 installed = json.loads(sys.argv[1])
 keys = {"bootstrap": base}
 keys.update({step.name: step.key for step in plan_steps(inputs, base, installed)})
@@ -35,10 +36,11 @@ def project(tmp_path):
     return root
 
 
-def keys(project: Path, installed=INSTALLED, epoch="1700000000") -> dict[str, str]:
+def keys(project: Path, installed=INSTALLED, epoch="1700000000",
+         release="digest-of-the-mirror's-release-file") -> dict[str, str]:
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "OKOME_IMAGE_PROJECT": str(project),
            "SOURCE_DATE_EPOCH": epoch}
-    result = subprocess.run([sys.executable, "-c", KEYS_SCRIPT, json.dumps(installed)],
+    result = subprocess.run([sys.executable, "-c", KEYS_SCRIPT, json.dumps(installed), release],
                             capture_output=True, text=True, env=env, cwd=PROJECT_DIR, check=True)
     found = json.loads(result.stdout)
     assert list(found)[0] == "bootstrap" and list(found)[-2:] == ["overlays", "image"]
@@ -106,6 +108,42 @@ def test_a_stage_package_list_rebuilds_from_the_bootstrap(project, before):
 def test_an_image_package_rebuilds_from_the_bootstrap(project, before):
     edit(project / "images/frontend.yaml", "  - keepalived\n", "  - keepalived\n  - less\n")
     assert changed_from(before, keys(project)) == "bootstrap"
+
+
+def test_a_mirror_with_new_versions_rebuilds_from_the_bootstrap(project, before):
+    assert changed_from(before, keys(project, release="the-next-point-release")) == "bootstrap"
+
+
+def test_without_the_mirror_the_newest_base_of_the_same_recipe_is_used(tmp_path):
+    from builder.bootstrap import newest_base
+    from builder.cache import BuildCache, write_json_atomically
+
+    cache = BuildCache(tmp_path)
+    cache.bootstrap_dir.mkdir()
+    for key, recipe, created in [("a" * 64, "r1", 100), ("b" * 64, "r1", 200),
+                                 ("c" * 64, "r2", 300), ("d" * 64, "r1", 400)]:
+        write_json_atomically(cache.bootstrap_meta(key), {"key": key, "recipe": recipe,
+                                                          "created": created, "packages": []})
+        if key != "d" * 64:  # its tarball never finished
+            cache.bootstrap_tarball(key).write_bytes(b"")
+    assert newest_base(cache, "r1") == "b" * 64
+    assert newest_base(cache, "r3") is None
+
+
+def test_an_unreachable_mirror_without_a_cached_base_is_one_error(tmp_path):
+    # Port 1 on loopback: refused at once.
+    result = subprocess.run(
+        [sys.executable, "-m", "builder", "build", "--role", "frontend", "--site", "lab",
+         "--mirror", "http://127.0.0.1:1/debian", "--out", str(tmp_path / "out"),
+         "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [next(line for line in result.stderr.splitlines()
+                           if line.startswith("error: the mirror http://127.0.0.1:1/debian "
+                                              "does not answer for bookworm"))]
+    assert "Traceback" not in result.stderr
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == []  # no work folder left
+    assert not (tmp_path / "out/frontend/okome-frontend.img").exists()
 
 
 def test_a_new_package_version_rebuilds_everything_after_the_bootstrap(project, before):
