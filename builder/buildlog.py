@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import IO, Iterator, Sequence
 
 from rich.console import Console
+from rich.text import Text
 
 from builder.errors import UserError
 
@@ -40,9 +41,9 @@ class BuildLog:
             self._file.write(f"[{time.strftime('%H:%M:%S')}] {line.rstrip()}\n")
 
     def info(self, message: str) -> None:
-        """A line for the terminal and the log file."""
+        """A line for the terminal (rich markup) and the log file (plain text)."""
         self.console.print(f"{'  ' * self._depth}{message}")
-        self.write(message)
+        self.write(Text.from_markup(message).plain)
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
