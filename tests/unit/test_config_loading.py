@@ -49,12 +49,16 @@ def test_both_sites_load(name):
     assert {"frontend-a", "frontend-b", "backend"} <= set(site.nodes)
 
 
-def test_production_site_holds_the_cluster_addresses():
+def test_production_site_is_one_network_with_distinct_addresses():
+    """The cluster's shape, without repeating its addresses: they live in the site file only."""
     site = load_site("production")
-    assert str(site.vip) == "192.168.86.18"
-    assert str(site.gateway.host) == "192.168.86.25" and site.gateway.port == 8000
-    assert str(site.nodes["frontend-a"].address) == "192.168.86.20"
-    assert str(site.nodes["backend"].address) == "192.168.86.19"
+    addresses = [site.vip, site.gateway.host, *(node.address for node in site.nodes.values())]
+    assert all(address in site.network.prefix for address in addresses)
+    assert len(set(addresses)) == len(addresses)
+    roles = {name: node.role for name, node in site.nodes.items()}
+    assert roles == {"frontend-a": "frontend", "frontend-b": "frontend", "backend": "backend"}
+    states = {node.vrrp.state for node in site.nodes.values() if node.vrrp}
+    assert states == {"MASTER", "BACKUP"}
 
 
 def test_lab_site_shares_no_address_with_production():
