@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 
+from builder import bootpart
 from builder.buildlog import BuildLog
 from builder.flash import flash_node
 from builder.machine import Machine
@@ -15,6 +16,9 @@ from tests.conftest import TEST_OUT
 pytestmark = pytest.mark.boot
 
 NODES = ("frontend-a", "frontend-b")
+# frontend-b's card is edited after its first boot and booted again.
+EDITED, RENAMED = "frontend-b", "frontend-renamed"
+IDENTITY_FILES = ("hostname", "authorized_keys", "network", "vrrp.env")
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +27,22 @@ def admin_key(tmp_path_factory):
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "lab operator",
                     "-f", str(key)], check=True)
     return key
+
+
+def edit_card_and_reboot(machine: Machine) -> dict[str, str]:
+    """Power the node off, change its hostname on the card's boot partition as an operator
+    would from any computer, power it on again; what it shows then."""
+    machine.succeed("systemd-run --on-active=1 systemctl poweroff")
+    machine.process.wait(timeout=180)  # QEMU ends with the guest's power-off
+    files = {name: bootpart.read_boot_file(machine.disk, f"okome/{name}")
+             for name in IDENTITY_FILES}
+    files["hostname"] = f"{RENAMED}\n".encode()
+    bootpart.write_boot_files(machine.disk, "okome", files, machine.work_dir)
+    machine.launch()
+    machine.wait_for_ssh()
+    machine.wait_for_unit("okome-identity.service")
+    return {"hostname": machine.succeed("hostname").strip(),
+            "host_key": machine.succeed("cat /etc/ssh/ssh_host_ed25519_key.pub")}
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +74,8 @@ def booted(built_image, lab_site, admin_key, tmp_path_factory):
                         "cat /etc/systemd/network/10-okome-node.network"),
                     "vrrp": machine.succeed("cat /etc/okome/vrrp.env"),
                 }
+                if node == EDITED:
+                    facts[node]["after_edit"] = edit_card_and_reboot(machine)
     return facts
 
 
@@ -85,3 +107,9 @@ def test_the_vrrp_settings_reached_the_node(booted, lab_site, node):
 def test_two_nodes_from_one_image_have_different_ssh_host_keys(booted):
     keys = {booted[node]["host_key"].split()[1] for node in NODES}
     assert len(keys) == 2
+
+
+def test_editing_the_card_and_rebooting_reconfigures_the_node(booted):
+    after = booted[EDITED]["after_edit"]
+    assert after["hostname"] == RENAMED
+    assert after["host_key"] == booted[EDITED]["host_key"]  # made once, on the first boot

@@ -1,6 +1,7 @@
 """The frontend image boots under qemu-system-aarch64 and behaves: the gate is no failed unit."""
 
 import hashlib
+import json
 import urllib.error
 import urllib.request
 
@@ -9,6 +10,7 @@ import pytest
 from builder import bootpart
 from builder.assemble import ROOT_PARTUUID
 from builder.machine import kernel_and_initrd
+from builder.pipeline import sha256_file
 
 pytestmark = pytest.mark.boot
 
@@ -58,3 +60,25 @@ def test_running_kernel_is_the_images(frontend_image, host, tmp_path):
     shipped = hashlib.sha256((tmp_path / "kernel").read_bytes()).hexdigest()
     on_node = host.check_output(f"sha256sum /boot/firmware/{kernel_name}").split()[0]
     assert on_node == shipped
+
+
+def test_the_manifest_lists_what_the_node_runs(frontend_image, host):
+    """manifest.json names every installed package with the version the node really has, and
+    SHA256SUMS matches the artifacts beside it."""
+    folder = frontend_image.parent
+    manifest = json.loads((folder / "manifest.json").read_text())
+    listed = {p["name"]: p["version"] for p in manifest["packages"]}
+    installed = dict(line.split("\t") for line in host.check_output(
+        "dpkg-query -W -f '${db:Status-Abbrev}\\t${Package}\\t${Version}\\n' "
+        "| awk -F '\\t' '$1 ~ /^ii/ {print $2 \"\\t\" $3}'").splitlines())
+    assert listed == installed
+    assert {"nginx", "keepalived", "linux-image-arm64", "raspi-firmware"} <= set(listed)
+    assert manifest["role"] == "frontend" and manifest["site"] == "lab"
+    assert manifest["image"]["size"] == frontend_image.stat().st_size
+
+    sums = dict(reversed(line.split("  ", 1)) for line in
+                (folder / "SHA256SUMS").read_text().splitlines())
+    assert set(sums) == {frontend_image.name, f"{frontend_image.name}.bmap",
+                         f"{frontend_image.name}.zst", "manifest.json"}
+    for name, digest in sums.items():
+        assert sha256_file(folder / name) == digest, f"{name} does not match SHA256SUMS"
