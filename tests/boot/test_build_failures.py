@@ -14,12 +14,14 @@ import pytest
 from builder.cli import default_cache_dir
 from builder.paths import PROJECT_DIR
 
-pytestmark = pytest.mark.boot  # needs a real bootstrap (shared with the frontend build's cache)
+pytestmark = pytest.mark.boot  # needs a real bootstrap
 
+# The frontend's stages and packages, so the two share one bootstrapped base in the cache
+# (whichever builds first makes it), plus stage 05-test, which breaks.
 ROLE = """\
 description: a frontend whose build breaks on purpose
-stages: [00-base, 05-test, 10-boot, 20-system]
-packages: [nginx-light, keepalived]
+stages: [00-base, 05-test, 10-boot, 20-system, 30-frontend]
+packages: [nginx, keepalived]
 overlays: [common]
 """
 

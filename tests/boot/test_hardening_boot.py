@@ -407,6 +407,7 @@ def test_read_only_root_runs_the_services_and_leaves_the_card_unchanged(frontend
 
 # -- Lynis --------------------------------------------------------------------------------------
 
+LYNIS_FLOOR = 75
 LYNIS_TREE = {"lynis": Path("/usr/sbin/lynis"), "include": Path("/usr/share/lynis/include"),
               "db": Path("/usr/share/lynis/db"), "plugins": Path("/etc/lynis/plugins"),
               "default.prf": Path("/etc/lynis/default.prf")}
@@ -431,7 +432,8 @@ def lynis_tarball() -> bytes:
 
 def test_lynis_hardening_index(frontend):
     if not shutil.which("lynis"):
-        pytest.skip("Lynis is not on the host: apt-get install lynis")
+        pytest.fail("Lynis is not on the host: apt-get install lynis (or `make deps`)",
+                    pytrace=False)
     with ssh_client(frontend, key_filename=str(frontend.key_path)) as client:
         stdin, stdout, _ = client.exec_command("sudo -n tar -C /tmp -xzf -")
         stdin.write(lynis_tarball())
@@ -455,5 +457,6 @@ def test_lynis_hardening_index(frontend):
     (TEST_OUT / "lynis-frontend-report.dat").write_text(report)
     (TEST_OUT / "lynis-frontend.txt").write_text("\n".join(summary) + "\n")
     print("\n".join(summary))
-    # 60: the same image before this hardening. Raise the floor to what the hardened image scores.
-    assert index > 60, "\n".join(summary)
+    # The image scored 60 before its hardening and 75 with it (Debian's Lynis 3.0.8); a change
+    # that lowers the score fails here.
+    assert index >= LYNIS_FLOOR, "\n".join(summary)
