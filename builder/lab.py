@@ -261,9 +261,16 @@ class Lab:
         gateway = self.site.gateway
         argv = [sys.executable, "-m", "tests.host.stub_gateway", "--host", str(gateway.host),
                 "--port", str(gateway.port), "--cacheable-max-age", str(GATEWAY_MAX_AGE_S)]
-        self.gateway = subprocess.Popen(["ip", "netns", "exec", self.netns, *argv],
-                                        cwd=PROJECT_DIR, stdout=subprocess.DEVNULL,
-                                        start_new_session=self._detach)
+        # Detached, its complaints go to a file of the lab's, not to the output of the command
+        # that started it (see Machine.launch).
+        errors = (self.work_dir / "gateway.log").open("ab") if self._detach else None
+        try:
+            self.gateway = subprocess.Popen(["ip", "netns", "exec", self.netns, *argv],
+                                            cwd=PROJECT_DIR, stdout=subprocess.DEVNULL,
+                                            stderr=errors, start_new_session=self._detach)
+        finally:
+            if errors:
+                errors.close()
         url = f"http://{gateway.host}:{gateway.port}{gateway.health_path}"
         deadline = time.monotonic() + timeout
         while self.run_in_network(["curl", "-fsS", "-o", "/dev/null", "--noproxy", "*",

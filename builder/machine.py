@@ -153,12 +153,22 @@ class Machine:
         return self.work_dir / "qmp.sock"
 
     def launch(self) -> None:
-        """Start QEMU on the prepared disk: at first boot, or again after a crash."""
+        """Start QEMU on the prepared disk: at first boot, or again after a crash.
+
+        A detached QEMU writes what it says to qemu.log in the work folder: holding the
+        starting command's output open would keep whoever reads it (a pipe, `tee`) waiting
+        for as long as the guest runs."""
         self._ssh = None
-        self.process = subprocess.Popen(self.qemu_argv(self.disk, guest_cmdline(self.disk)),
-                                        stdin=None if self.serial_to_terminal
-                                        else subprocess.DEVNULL,
-                                        pass_fds=self.pass_fds, start_new_session=self.detach)
+        output = (self.work_dir / "qemu.log").open("ab") if self.detach else None
+        try:
+            self.process = subprocess.Popen(
+                self.qemu_argv(self.disk, guest_cmdline(self.disk)),
+                stdin=None if self.serial_to_terminal else subprocess.DEVNULL,
+                stdout=output, stderr=output, pass_fds=self.pass_fds,
+                start_new_session=self.detach)
+        finally:
+            if output:
+                output.close()
 
     def qemu_argv(self, disk: Path, cmdline: str) -> list[str]:
         netdev = "user,id=net0,restrict=on"

@@ -32,7 +32,7 @@ from builder.hosttools import BUILD_TOOLS, ensure_arm64_binfmt, require_tools
 from builder.imagespec import ImageSpec, image_spec_path, load_image_spec
 from builder.mirror import host_mirror, mirror_release
 from builder.overlay import overlay_digest, render_overlay
-from builder.paths import BUILDER_DIR, OVERLAYS_DIR, PROJECT_DIR, STAGES_DIR
+from builder.paths import BUILDER_DIR, IMAGES_DIR, OVERLAYS_DIR, PROJECT_DIR, SITES_DIR, STAGES_DIR
 from builder.site import Site, load_site, resolve_site_path
 from builder.stages import Substage, load_stages
 
@@ -112,13 +112,20 @@ def artifact_paths(out_dir: Path, role: str) -> Artifacts:
 
 
 def default_source_date_epoch() -> int:
-    """SOURCE_DATE_EPOCH, or the last commit's time, so file times don't depend on the clock."""
+    """SOURCE_DATE_EPOCH, or the last commit's time, so file times don't depend on the clock.
+
+    A definitions folder outside git (a copy, an unpacked tarball) counts from its newest
+    file instead: the same tree gives the same epoch, and so the same cache keys.
+    """
     if "SOURCE_DATE_EPOCH" in os.environ:
         return int(os.environ["SOURCE_DATE_EPOCH"])
     result = subprocess.run(["git", "-C", str(PROJECT_DIR), "log", "-1", "--format=%ct"],
                             capture_output=True, text=True)
-    return int(result.stdout.strip()) if result.returncode == 0 and result.stdout.strip() \
-        else int(time.time())
+    if result.returncode == 0 and result.stdout.strip():
+        return int(result.stdout.strip())
+    folders = (IMAGES_DIR, STAGES_DIR, OVERLAYS_DIR, SITES_DIR)
+    times = [path.lstat().st_mtime for folder in folders for path in folder.rglob("*")]
+    return int(max(times))
 
 
 def load_inputs(role: str, site_name: str, mirror: str | None) -> BuildInputs:
@@ -221,7 +228,10 @@ CLEAN_GLOBS = [
 ]
 # Log folders stay (packages expect them; /var/log is a tmpfs at boot anyway), except the
 # journal's: journald keeps the journal in memory, and this folder would invite it onto the card.
-CLEAN_DIRS = ["var/log/journal"]
+# apt's download folder belongs to root or to _apt depending on whether the bootstrap downloaded
+# anything, which would make the image depend on the state of the package cache; apt makes it
+# again when it needs it.
+CLEAN_DIRS = ["var/log/journal", "var/cache/apt/archives/partial"]
 
 
 def clean_rootfs(log: BuildLog, rootfs: Path, source_date_epoch: int) -> None:

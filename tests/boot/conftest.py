@@ -1,4 +1,6 @@
-"""Booted guests shared by the boot tests: each image boots once per test session."""
+"""Booted guests shared by the boot tests: each image boots once per test session, and stops
+after the last test that uses it rather than at the end of the session: an idle emulated guest
+still takes CPU that later tests (the lab, the builds) need."""
 
 import secrets
 
@@ -7,6 +9,24 @@ import pytest
 from builder.machine import Machine
 from builder.redis_acl import render_exporter_credentials, render_redis_acl
 from tests.host.stub_gateway import StubGateway
+
+SHARED_GUESTS = ("frontend", "backend")
+_running: dict[str, Machine] = {}
+_last_user: dict[str, str] = {}
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for name in SHARED_GUESTS:
+            if name in item.fixturenames:
+                _last_user[name] = item.nodeid
+
+
+def pytest_runtest_teardown(item, nextitem):
+    for name, nodeid in _last_user.items():
+        if item.nodeid == nodeid and name in _running:
+            _running.pop(name).stop()  # the fixture's own teardown finds it stopped
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +50,7 @@ def frontend(frontend_image, lab_site, stub_gateway):
                  network=str(lab_site.network.prefix), guest_forwards=[gateway],
                  forward_ports=[80]) as machine:
         machine.seconds_to_ssh = machine.wait_for_ssh()
+        _running["frontend"] = machine
         yield machine
 
 
@@ -51,4 +72,5 @@ def backend(built_image, lab_site, redis_passwords):
     with Machine(built_image("backend"), name="backend", user=lab_site.admin.user,
                  network=str(lab_site.network.prefix), identity=identity) as machine:
         machine.seconds_to_ssh = machine.wait_for_ssh()
+        _running["backend"] = machine
         yield machine

@@ -43,13 +43,11 @@ def lab(built_image, lab_dir):
     background; the tests attach to it, as `lab status` and `lab chaos` do."""
     built_image("frontend")
     built_image("backend")
-    up = okome_image("lab", "up", "--out", str(TEST_OUT), "--lab-dir", str(lab_dir))
-    assert up.returncode == 0, f"lab up failed:\n{up.stdout}\n{up.stderr}"
-    print(f"\nlab up ({GUEST_MEMORY_MIB} MiB, {GUEST_CPUS} vCPU each):\n{up.stdout}")
-    the_lab = Lab.attach(lab_dir)
-    the_lab.up_output = up.stdout
     try:
-        yield the_lab
+        up = okome_image("lab", "up", "--out", str(TEST_OUT), "--lab-dir", str(lab_dir))
+        assert up.returncode == 0, f"lab up failed:\n{up.stdout}\n{up.stderr}"
+        print(f"\nlab up ({GUEST_MEMORY_MIB} MiB, {GUEST_CPUS} vCPU each):\n{up.stdout}")
+        yield Lab.attach(lab_dir)
     finally:
         if (lab_dir / "lab.json").exists():
             okome_image("lab", "down", "--lab-dir", str(lab_dir))

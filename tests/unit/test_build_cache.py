@@ -2,6 +2,7 @@
 step after it, and of none before it."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -198,3 +199,19 @@ def test_a_sparse_file_hashes_as_its_full_contents(tmp_path):
     assert sha256_file(sparse) == hashlib.sha256(sparse.read_bytes()).hexdigest()
     (tmp_path / "empty").write_bytes(b"")
     assert sha256_file(tmp_path / "empty") == hashlib.sha256(b"").hexdigest()
+
+
+def test_definitions_outside_git_count_from_their_newest_file(project):
+    """Without SOURCE_DATE_EPOCH or git, the epoch is the definitions' newest file time: the
+    same tree gives the same epoch (and cache keys), a changed file a later one."""
+    def epoch() -> int:
+        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "OKOME_IMAGE_PROJECT": str(project)}
+        script = "from builder.pipeline import default_source_date_epoch as e; print(e())"
+        return int(subprocess.run([sys.executable, "-c", script], capture_output=True,
+                                  text=True, env=env, cwd=PROJECT_DIR, check=True).stdout)
+
+    newest = max(int(p.lstat().st_mtime) for p in project.rglob("*"))
+    assert epoch() == newest == epoch()
+    hosts = project / "overlays/common/etc/hosts.j2"
+    os.utime(hosts, (newest + 100, newest + 100))
+    assert epoch() == newest + 100
