@@ -3,10 +3,10 @@
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from builder.errors import UserError
-from builder.paths import IMAGES_DIR
+from builder.paths import IMAGES_DIR, OVERLAYS_DIR, STAGES_DIR
 from builder.yamlfile import load_model
 
 
@@ -44,11 +44,39 @@ class ImageSpec(Strict):
     layout: Layout = Field(Layout(), description="partition sizes")
 
 
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, stages: list[str]) -> list[str]:
+        return _known_folders(stages, STAGES_DIR, "stage")
+
+    @field_validator("overlays")
+    @classmethod
+    def _known_overlays(cls, overlays: list[str]) -> list[str]:
+        return _known_folders(overlays, OVERLAYS_DIR, "overlay")
+
+
+def _known_folders(names: list[str], parent: Path, what: str) -> list[str]:
+    """Each name a folder of `parent`, listed once."""
+    if not names:
+        raise ValueError(f"list at least one {what}")
+    known = sorted(p.name for p in parent.iterdir() if p.is_dir()) if parent.is_dir() else []
+    for name in names:
+        if name not in known:
+            raise ValueError(f"unknown {what} '{name}' (known: {', '.join(known)})")
+        if names.count(name) > 1:
+            raise ValueError(f"{what} '{name}' is listed twice")
+    return names
+
+
 def known_roles() -> list[str]:
     return sorted(p.stem for p in IMAGES_DIR.glob("*.yaml"))
 
 
 def image_spec_path(role: str) -> Path:
+    if not IMAGES_DIR.is_dir():
+        raise UserError(f"{IMAGES_DIR.parent} holds no images/ folder",
+                        "OKOME_IMAGE_PROJECT must name a folder with images/, stages/, "
+                        "overlays/ and sites/ (or be unset: this checkout's)")
     path = IMAGES_DIR / f"{role}.yaml"
     if not path.exists():
         raise UserError(f"unknown role '{role}'", f"known roles: {', '.join(known_roles())}")

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from builder.backend_settings import BackendSettings
 from builder.errors import UserError
 from builder.frontend_settings import FrontendSettings
+from builder.imagespec import known_roles
 from builder.paths import SITES_DIR
 from builder.yamlfile import load_model
 
@@ -98,11 +99,35 @@ class Site(Strict):
     frontend: FrontendSettings = Field(FrontendSettings(), description="frontend role settings")
     backend: BackendSettings = Field(BackendSettings(), description="backend role settings")
 
+    # A check across keys names the key it is about as "@a.b: ..." (builder/yamlfile.py).
     @model_validator(mode="after")
-    def _addresses_inside_prefix(self) -> "Site":
+    def _addresses_inside_prefix_and_distinct(self) -> "Site":
+        prefix = self.network.prefix
+        if self.vip not in prefix:
+            raise ValueError(f"@vip: {self.vip} is outside network.prefix {prefix}")
+        seen = {self.vip: "vip"}
         for name, node in self.nodes.items():
-            if node.address not in self.network.prefix:
-                raise ValueError(f"node {name}: {node.address} is outside {self.network.prefix}")
+            if node.address not in prefix:
+                raise ValueError(f"@nodes.{name}.address: {node.address} is outside "
+                                 f"network.prefix {prefix}")
+            if node.address in seen:
+                raise ValueError(f"@nodes.{name}.address: {node.address} is already "
+                                 f"{seen[node.address]}'s")
+            seen[node.address] = name
+        return self
+
+    @model_validator(mode="after")
+    def _roles_known_and_one_vrrp_master(self) -> "Site":
+        roles = known_roles()
+        for name, node in self.nodes.items():
+            if node.role not in roles:
+                raise ValueError(f"@nodes.{name}.role: unknown role '{node.role}' (known "
+                                 f"roles: {', '.join(roles)})")
+        masters = [name for name, node in self.nodes.items()
+                   if node.vrrp and node.vrrp.state == "MASTER"]
+        if len(masters) > 1:
+            raise ValueError(f"@nodes.{masters[1]}.vrrp.state: {masters[0]} is the MASTER "
+                             "already; the peers that share the VIP start as BACKUP")
         return self
 
     def nodes_of_role(self, role: str) -> dict[str, Node]:

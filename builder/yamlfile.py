@@ -1,5 +1,6 @@
 """Load a YAML file into a pydantic model, reporting mistakes by file, line and key."""
 
+import typing
 from pathlib import Path
 from typing import TypeVar
 
@@ -43,6 +44,12 @@ def load_model(path: Path, model: type[Model]) -> Model:
         text = path.read_text()
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a folder, not a YAML file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a text file", "give a YAML file") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read it: {err.strerror}") from None
 
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -57,35 +64,50 @@ def load_model(path: Path, model: type[Model]) -> Model:
     lines: dict[tuple, int] = {}
     data = _to_python(root, path, (), lines)
 
+    if not isinstance(data, dict):
+        raise UserError(f"{path}:1: expected keys and values (a YAML mapping), found "
+                        f"{type(data).__name__}")
     try:
         return model.model_validate(data)
     except pydantic.ValidationError as err:
-        first = err.errors()[0]
-        loc = tuple(first["loc"])
+        # A misspelt key also makes the key it was meant to be missing: name the misspelling.
+        first = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
+        loc, message = tuple(first["loc"]), first["msg"].removeprefix("Value error, ")
+        # A check across several keys (a model validator) names the key it is about as
+        # "@a.b.c: ..." at the start of its message.
+        if not loc and message.startswith("@"):
+            where, message = message[1:].split(": ", 1)
+            loc = tuple(where.split("."))
         key = ".".join(str(part) for part in loc) or "(top level)"
         line = _line_of(loc, lines)
         if first["type"] == "extra_forbidden":
             known = ", ".join(sorted(_fields_at(model, loc[:-1])))
             raise UserError(f"{path}:{line}: unknown key '{key}'",
-                            f"known keys here: {known}") from None
-        raise UserError(f"{path}:{line}: {key}: {first['msg']}") from None
+                            f"known keys here: {known}" if known else None) from None
+        raise UserError(f"{path}:{line}: {key}: {message}") from None
 
 
 def _fields_at(model: type[pydantic.BaseModel], loc: tuple) -> list[str]:
-    """The field names a model accepts at a location, for the unknown-key hint."""
+    """The field names a model accepts at a location, for the unknown-key hint. The location
+    may pass through lists (an index) and dicts (a key), as in nodes.backend."""
     current: object = model
     for part in loc:
-        if isinstance(part, int) or not isinstance(current, type):
-            continue
-        if not issubclass(current, pydantic.BaseModel):
-            return []
-        field = current.model_fields.get(str(part))
-        if field is None:
-            return []
-        current = _model_in(field.annotation)
-    if isinstance(current, type) and issubclass(current, pydantic.BaseModel):
-        return list(current.model_fields)
-    return []
+        if isinstance(current, type) and issubclass(current, pydantic.BaseModel):
+            field = current.model_fields.get(str(part))
+            if field is None:
+                return []
+            current = field.annotation
+        elif typing.get_origin(current) is dict:
+            current = typing.get_args(current)[1]
+        elif typing.get_origin(current) is list:
+            current = typing.get_args(current)[0]
+        else:
+            current = _model_in(current)
+            if current is None or str(part) not in current.model_fields:
+                return []
+            current = current.model_fields[str(part)].annotation
+    found = _model_in(current)
+    return list(found.model_fields) if found else []
 
 
 def _model_in(annotation: object) -> object:

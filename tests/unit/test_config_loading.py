@@ -116,7 +116,8 @@ def test_node_outside_the_prefix_is_refused(tmp_path):
     path = write(tmp_path, LAB_LIKE.replace("address: 10.86.0.20", "address: 10.99.0.20"))
     with pytest.raises(UserError) as err:
         load_model(path, Site)
-    assert "10.99.0.20 is outside 10.86.0.0/24" in err.value.message
+    assert err.value.message == \
+        f"{path}:13: nodes.a.address: 10.99.0.20 is outside network.prefix 10.86.0.0/24"
 
 
 def test_duplicate_key_is_refused(tmp_path):
@@ -140,3 +141,53 @@ def test_image_spec_unknown_key(tmp_path):
         load_model(path, ImageSpec)
     assert err.value.message == f"{path}:4: unknown key 'packges'"
     assert "packages" in err.value.hint
+
+
+@pytest.mark.parametrize("change, line, message", [
+    (("address: 10.86.0.20}",
+      "address: 10.86.0.20}\n      b: {role: backend, address: 10.86.0.20}"),
+     14, "nodes.b.address: 10.86.0.20 is already a's"),
+    (("vip: 10.86.0.18", "vip: 10.86.0.20"), 13, "nodes.a.address: 10.86.0.20 is already vip's"),
+    (("vip: 10.86.0.18", "vip: 10.9.0.18"), 8, "vip: 10.9.0.18 is outside network.prefix"),
+    (("role: frontend", "role: fronted"), 13, "nodes.a.role: unknown role 'fronted' (known roles:"),
+    (("address: 10.86.0.20}", "address: 10.86.0.20, vrrp: {state: MASTER, priority: 9}}\n"
+      "      b: {role: frontend, address: 10.86.0.21, vrrp: {state: MASTER, priority: 8}}"),
+     14, "nodes.b.vrrp.state: a is the MASTER already"),
+])
+def test_checks_across_keys_name_the_key_and_its_line(tmp_path, change, line, message):
+    path = write(tmp_path, LAB_LIKE.replace(*change))
+    with pytest.raises(UserError) as err:
+        load_model(path, Site)
+    assert err.value.message.startswith(f"{path}:{line}: {message}"), err.value.message
+
+
+def test_a_misspelt_key_is_named_rather_than_the_one_it_should_be(tmp_path):
+    path = write(tmp_path, LAB_LIKE.replace("vip: 10.86.0.18", "vipp: 10.86.0.18"))
+    with pytest.raises(UserError) as err:
+        load_model(path, Site)
+    assert err.value.message == f"{path}:8: unknown key 'vipp'"
+    assert "vip" in err.value.hint.split(": ", 1)[1].split(", ")
+
+
+def test_an_unknown_key_of_a_node_lists_the_nodes_keys(tmp_path):
+    path = write(tmp_path, LAB_LIKE.replace("address: 10.86.0.20", "adress: 10.86.0.20"))
+    with pytest.raises(UserError) as err:
+        load_model(path, Site)
+    assert err.value.message == f"{path}:13: unknown key 'nodes.a.adress'"
+    assert err.value.hint == "known keys here: address, role, vrrp"
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "is a folder, not a YAML file"),
+    (b"\xff\xfe\x00binary", "is not a text file"),
+    (b"- just\n- a list\n", ":1: expected keys and values"),
+])
+def test_a_site_that_is_no_yaml_mapping_is_one_error(tmp_path, content, message):
+    path = tmp_path / "site.yaml"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(UserError) as err:
+        load_model(path, Site)
+    assert message in err.value.message
