@@ -38,6 +38,14 @@ class Command(click.Group):
             if err.hint:
                 console.print(f"[dim]hint:[/] {escape(err.hint)}")
             sys.exit(1)
+        except OSError as err:
+            # A path the user gave that is not what it must be (a file for a folder, no
+            # permission, a full disk): the system's own words, with the path.
+            where = f"{err.filename}: " if err.filename else ""
+            console.print(f"[red]error:[/] {escape(where + (err.strerror or str(err)))}")
+            console.print("[dim]hint:[/] check that path: whether it exists, is a file or a "
+                          "folder as the option asks, and can be written")
+            sys.exit(1)
         except KeyboardInterrupt:
             console.print("[red]interrupted[/]: everything this run started was stopped "
                           "and removed")
@@ -84,22 +92,33 @@ def build(role, site, out_dir, mirror, cache_dir, in_docker):
 @click.option("--site", default="production", show_default=True,
               help="the site the image was built for (names the admin user)")
 @click.option("--name", help="hostname given to the guest [default: ROLE-qemu]")
-@click.option("--memory", default=1024, show_default=True, help="guest memory in MiB")
+@click.option("--memory", default=1024, show_default=True, type=click.IntRange(256, 16384),
+              help="guest memory in MiB")
 @click.option("--console", is_flag=True, help="attach the serial console to this terminal")
 def boot(role, image, out_dir, site, name, memory, console):
     """Boot an image under qemu-system-aarch64 (on a copy) with SSH on 127.0.0.1."""
+    from builder.identity import HOSTNAME_PATTERN
+    from builder.imagespec import image_spec_path
     from builder.machine import Machine
     from builder.pipeline import artifact_paths
     from builder.site import load_site
 
     if bool(role) == bool(image):
         raise UserError("give either --role or --image", "e.g. okome-image boot --role frontend")
+    if role:
+        image_spec_path(role)  # an unknown role is named as such
     image = image or artifact_paths(out_dir, role).image
     if role and not image.exists():
         raise UserError(f"no {role} image at {image}",
-                        f"build it first: okome-image build --role {role} --out {out_dir}")
+                        f"build it first: okome-image build --role {role} --site {site} "
+                        f"--out {out_dir}")
+    if image.suffix in (".zst", ".gz", ".xz"):
+        raise UserError(f"{image} is compressed", "boot the raw .img beside it")
     admin = load_site(site).admin.user
     name = name or f"{role or image.stem.removeprefix('okome-')}-qemu"
+    if not HOSTNAME_PATTERN.fullmatch(name):
+        raise UserError(f"--name '{name}' is not a usable hostname",
+                        "use 1 to 63 of a-z 0-9 and '-', not starting or ending with '-'")
 
     with Machine(image, name=name, user=admin, memory_mib=memory,
                  serial_to_terminal=console) as machine:
@@ -166,6 +185,15 @@ CACHE_DIR_OPTION = click.option(
     show_default="$OKOME_IMAGE_CACHE or ~/.cache/okome-image", help="the cache folder")
 
 
+def existing_cache(cache_dir: Path) -> Path:
+    """A cache folder to look at must be one: a mistyped path is not an empty cache."""
+    if not cache_dir.is_dir():
+        raise UserError(f"no cache folder at {cache_dir}",
+                        "builds keep it in $OKOME_IMAGE_CACHE or ~/.cache/okome-image; check "
+                        "--cache-dir")
+    return cache_dir
+
+
 @main.group()
 def cache():
     """The build cache: each step's result under the hash of its inputs."""
@@ -179,7 +207,7 @@ def cache_list(cache_dir):
 
     from builder.cache import BuildCache, human_age, human_size
 
-    entries = BuildCache(cache_dir).entries()
+    entries = BuildCache(existing_cache(cache_dir)).entries()
     now = time.time()
     click.echo(f"{'key':<12}  {'step':<20}  {'size':>10}  {'age':>7}  {'last use':>8}")
     for entry in entries:
@@ -205,7 +233,7 @@ def cache_prune(cache_dir, older_than, max_size):
         raise UserError("nothing to prune by", "give --older-than DAYS, --max-size SIZE or both")
     days = parse_days(older_than) if older_than is not None else None
     size = parse_size(max_size) if max_size is not None else None
-    removed = BuildCache(cache_dir).prune(older_than_days=days, max_size=size)
+    removed = BuildCache(existing_cache(cache_dir)).prune(older_than_days=days, max_size=size)
     for entry in removed:
         click.echo(f"removed {entry.key[:12]}  {entry.step}")
     click.echo(f"{len(removed)} entries removed, "

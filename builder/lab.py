@@ -438,7 +438,9 @@ class Lab:
         """The lab that `okome-image lab up` left running in `work_dir`."""
         path = work_dir / STATE_FILE
         if not path.is_file():
-            raise UserError(f"no lab is up in {work_dir}", "start one: okome-image lab up")
+            raise UserError(f"no lab is up in {work_dir}",
+                            "`okome-image lab up` starts one; give --lab-dir if it was started "
+                            "with one")
         state = json.loads(path.read_text())
         lab = cls(Path(state["out_dir"]), list(state["guests"]), site=state["site"],
                   work_dir=work_dir, netns=state["netns"], memory_mib=state["memory_mib"],

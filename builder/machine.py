@@ -121,6 +121,7 @@ class Machine:
             require_tools({"socat": "socat"})
         if not self.image.is_file():
             raise UserError(f"{self.image}: no such image", "build it first: okome-image build")
+        bootpart.read_boot_file(self.image, "config.txt")  # not an image: said before copying
         if self.work_dir is None:
             self.work_dir = Path(tempfile.mkdtemp(prefix=f"okome-boot-{self.name}-"))
         disk = self.work_dir / "disk.img"

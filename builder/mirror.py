@@ -2,6 +2,7 @@
 
 import hashlib
 import re
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -59,3 +60,16 @@ def mirror_release(mirror: str, suite: str, timeout: float = 20) -> str:
     url = f"{mirror.rstrip('/')}/dists/{suite}/InRelease"
     with urllib.request.urlopen(url, timeout=timeout) as answer:
         return hashlib.sha256(answer.read()).hexdigest()
+
+
+def checked_mirror(url: str) -> str:
+    """A mirror given with --mirror, refused early unless it can be one: http(s) with a host, or
+    file:// naming a folder."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme in ("http", "https") and parts.netloc:
+        return url.rstrip("/")
+    if parts.scheme == "file" and Path(parts.path).is_dir():
+        return url.rstrip("/")
+    raise UserError(f"--mirror '{url}' is not a Debian mirror URL",
+                    "give http://HOST/debian (or https://, or file:// of a local mirror), or "
+                    "leave it out to use the host's apt sources")

@@ -29,8 +29,9 @@ from builder.cache import BuildCache, step_key, tree_digest
 from builder.chroot import mounts_under, run_in_chroot, run_script_in_chroot, services_held_back
 from builder.errors import UserError
 from builder.hosttools import BUILD_TOOLS, ensure_arm64_binfmt, require_tools
+from builder.imagelabel import LABEL_FILE, image_label
 from builder.imagespec import ImageSpec, image_spec_path, load_image_spec
-from builder.mirror import host_mirror, mirror_release
+from builder.mirror import checked_mirror, host_mirror, mirror_release
 from builder.overlay import overlay_digest, render_overlay
 from builder.paths import BUILDER_DIR, IMAGES_DIR, OVERLAYS_DIR, PROJECT_DIR, SITES_DIR, STAGES_DIR
 from builder.site import Site, load_site, resolve_site_path
@@ -119,24 +120,32 @@ def default_source_date_epoch() -> int:
     """
     if "SOURCE_DATE_EPOCH" in os.environ:
         return int(os.environ["SOURCE_DATE_EPOCH"])
-    result = subprocess.run(["git", "-C", str(PROJECT_DIR), "log", "-1", "--format=%ct"],
-                            capture_output=True, text=True)
-    if result.returncode == 0 and result.stdout.strip():
-        return int(result.stdout.strip())
+    try:
+        result = subprocess.run(["git", "-C", str(PROJECT_DIR), "log", "-1", "--format=%ct"],
+                                capture_output=True, text=True)
+        if result.returncode == 0 and result.stdout.strip():
+            return int(result.stdout.strip())
+    except FileNotFoundError:  # no git on this host
+        pass
     folders = (IMAGES_DIR, STAGES_DIR, OVERLAYS_DIR, SITES_DIR)
     times = [path.lstat().st_mtime for folder in folders for path in folder.rglob("*")]
     return int(max(times))
 
 
 def load_inputs(role: str, site_name: str, mirror: str | None) -> BuildInputs:
-    """Step 1: the image spec, the site and the stages, validated."""
+    """Step 1: the image spec, the site and the stages, validated, and the templates rendered
+    once: a mistake in any of them stops the build before minutes are spent on it."""
     spec = load_image_spec(role)
     site_path = resolve_site_path(site_name)
     site = load_site(site_name)
     substages = load_stages(spec.stages)
-    return BuildInputs(role=role, spec=spec, site=site, site_path=site_path,
-                       substages=substages, mirror=mirror or host_mirror(spec.base.suite),
-                       source_date_epoch=default_source_date_epoch())
+    inputs = BuildInputs(role=role, spec=spec, site=site, site_path=site_path,
+                         substages=substages,
+                         mirror=host_mirror(spec.base.suite) if mirror is None
+                         else checked_mirror(mirror),
+                         source_date_epoch=default_source_date_epoch())
+    overlay_digest(spec.overlays, template_context(inputs))
+    return inputs
 
 
 def template_context(inputs: BuildInputs) -> dict:
@@ -400,6 +409,9 @@ def finish_rootfs(log: BuildLog, inputs: BuildInputs, rootfs: Path, bootfs: Path
         packages = package_list(rootfs)
         clean_rootfs(log, rootfs, inputs.source_date_epoch)
         split_boot_partition(rootfs, bootfs)
+        label = bootfs / LABEL_FILE
+        label.write_text(image_label(inputs.role, inputs.site.name))
+        os.utime(label, (inputs.source_date_epoch, inputs.source_date_epoch))
     with log.step("assemble"):
         image = staging / final.image.name
         layout = assemble.plan_layout(rootfs, inputs.spec.layout.boot_mib,
@@ -551,11 +563,23 @@ def build_image(role: str, site_name: str, out_dir: Path, cache_dir: Path,
     log.info(f"build {role} for site {inputs.site.name}: {len(inputs.substages)} substages, "
              f"{len(inputs.packages)} packages, mirror {inputs.mirror}")
 
+    try:
+        build_into(log, inputs, digest, cache_dir, final, started)
+    except UserError as err:
+        log.write(f"error: {err.message}")  # the log says why the build stopped, too
+        raise
+    log.info(f"[bold green]done[/] in {time.monotonic() - started:.0f} s: {final.image}")
+    return final
+
+
+def build_into(log: BuildLog, inputs: BuildInputs, digest: tuple[str, dict[str, str]],
+               cache_dir: Path, final: Artifacts, started: float) -> None:
+    """Steps 2 to 8 in a work folder of the cache's, removed however they end."""
     require_tools(BUILD_TOOLS)
     ensure_arm64_binfmt()
     cache_dir.mkdir(parents=True, exist_ok=True)
     cache = BuildCache(cache_dir)
-    work = Path(tempfile.mkdtemp(prefix=f"build-{role}-", dir=cache_dir))
+    work = Path(tempfile.mkdtemp(prefix=f"build-{inputs.role}-", dir=cache_dir))
     rootfs = work / "rootfs"
     (work / "out").mkdir()  # the artifacts' staging folder
     try:
@@ -568,8 +592,6 @@ def build_image(role: str, site_name: str, out_dir: Path, cache_dir: Path,
             export_artifacts(log, inputs, digest, assembled, report, started, final)
     finally:
         remove_work_dir(work)
-    log.info(f"[bold green]done[/] in {time.monotonic() - started:.0f} s: {final.image}")
-    return final
 
 
 def run_steps(log: BuildLog, inputs: BuildInputs, cache: BuildCache, steps: list[Step],
