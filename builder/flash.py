@@ -41,6 +41,7 @@ from builder.buildlog import BuildLog
 from builder.errors import UserError
 from builder.hosttools import require_tools
 from builder.identity import IDENTITY_FOLDER, find_node, node_identity
+from builder.imagelabel import LABEL_FILE, parse_image_label
 from builder.site import Site, load_site
 
 FLASH_TOOLS = {
@@ -129,7 +130,8 @@ class ImageToFlash:
         return f"{self.path}" + (f" ({details})" if details else "")
 
 
-def find_image(out_dir: Path, role: str, image: Path | None = None) -> ImageToFlash:
+def find_image(out_dir: Path, role: str, site_name: str,
+               image: Path | None = None) -> ImageToFlash:
     """The image to flash: the one given, or the role's latest build in out_dir/ROLE/."""
     from builder.pipeline import artifact_paths
 
@@ -137,7 +139,8 @@ def find_image(out_dir: Path, role: str, image: Path | None = None) -> ImageToFl
         image = artifact_paths(out_dir, role).image
         if not image.is_file():
             raise UserError(f"no {role} image at {image}",
-                            f"build it: okome-image build --role {role} --out {out_dir}")
+                            f"build it: okome-image build --role {role} --site {site_name} "
+                            f"--out {out_dir}")
     elif not image.is_file():
         raise UserError(f"{image}: no such image file")
 
@@ -146,8 +149,10 @@ def find_image(out_dir: Path, role: str, image: Path | None = None) -> ImageToFl
         candidates.append(image.with_suffix("").with_name(image.with_suffix("").name + ".bmap"))
     block_map_path = next((path for path in candidates if path.is_file()), None)
     if block_map_path is None:
-        raise UserError(f"{image}: no block map beside it ({candidates[0].name})",
-                        f"make one: bmaptool create -o {candidates[0]} {image}")
+        raw = image.with_suffix("") if image.suffix in COMPRESSED_SUFFIXES else image
+        raise UserError(f"{image}: no block map beside it ({candidates[-1].name})",
+                        f"put the build's {raw.name}.bmap beside it, or make one from the raw "
+                        f"image: bmaptool create -o {raw}.bmap {raw}")
 
     # The manifest beside the image says what it was built for, if it is this image's.
     manifest = image.parent / "manifest.json"
@@ -196,6 +201,7 @@ class Target:
     device_numbers: set[int] = field(default_factory=set)
     # for a file: the loop devices it backs, which would see it change under them
     loop_devices: list[str] = field(default_factory=list)
+    allocated: int = 0  # for a file: the bytes it takes now, freed when it is rewritten
 
     def describe(self) -> str:
         if not self.is_block_device:
@@ -205,11 +211,31 @@ class Target:
         return f"{self.path} ({', '.join(part for part in details if part)})"
 
 
+def check_card_holds_role(target: Target, role: str, site_name: str) -> None:
+    """A card that gets only a new identity must hold the node's role image, built for the
+    same site: its boot partition's label says which (builder/imagelabel.py)."""
+    try:
+        label = parse_image_label(bootpart.read_boot_file(target.device, LABEL_FILE).decode())
+    except UserError:
+        raise UserError(f"{target.path} holds no okome-image card (no {LABEL_FILE} on a boot "
+                        "partition)", "flash the whole image: okome-image flash --node NODE "
+                        "IMAGE TARGET") from None
+    if label.get("role") != role or label.get("site") != site_name:
+        raise UserError(f"{target.path} holds the {label.get('role')} image of site "
+                        f"{label.get('site')}; this node runs the {role} image of site "
+                        f"{site_name}", f"flash the whole {role} image for it (without "
+                        "--identity-only)")
+
+
 def _lsblk(*args: str) -> list[dict]:
     result = subprocess.run(["lsblk", "--json", "--bytes", *args], capture_output=True,
                             text=True)
     if result.returncode != 0:
-        raise UserError(f"lsblk {' '.join(args)} failed: {result.stderr.strip()}")
+        device = args[-1]
+        raise UserError(f"{device}: not a usable block device "
+                        f"({result.stderr.strip() or 'lsblk cannot read it'})",
+                        "an unattached loop device or a card reader without a card has no "
+                        "size; check `lsblk`")
     return json.loads(result.stdout)["blockdevices"]
 
 
@@ -241,7 +267,8 @@ def inspect_target(path: Path) -> Target:
         return Target(path=path, device=device, is_block_device=False,
                       size=device.stat().st_size, kind="file", removable=True,
                       read_only=not os.access(device, os.W_OK),
-                      loop_devices=loops.stdout.split())
+                      loop_devices=loops.stdout.split(),
+                      allocated=device.stat().st_blocks * 512)
     if not stat.S_ISBLK(mode):
         raise UserError(f"{path} is neither a block device nor a regular file",
                         "give the card's device (/dev/sdX, /dev/mmcblkN) or an image file")
@@ -291,9 +318,11 @@ def system_devices() -> dict[int, str]:
 
 
 def refuse_unsafe_target(target: Target, image_size: int | None, system: dict[int, str],
-                         force: bool = False, image_path: Path | None = None) -> None:
+                         force: bool = False, image_path: Path | None = None,
+                         mapped_bytes: int | None = None) -> None:
     """Every refusal, decided from what inspect_target found; `force` only allows a disk that
-    says it is not removable. image_size None skips the size check (not built yet)."""
+    says it is not removable. image_size None skips the size check (not built yet), and
+    mapped_bytes None the free-space check for a file."""
     if target.kind == "part":
         disk = f"/dev/{target.parent}" if target.parent else "the whole disk"
         raise UserError(f"{target.path} is a partition, not a whole card",
@@ -321,6 +350,11 @@ def refuse_unsafe_target(target: Target, image_size: int | None, system: dict[in
             os.path.samefile(target.device, image_path):
         raise UserError(f"{target.path} is the image itself", "give another file or a card")
 
+    if not target.is_block_device and (target.device.parent / "manifest.json").is_file():
+        raise UserError(f"{target.path} is in a build's output folder "
+                        f"({target.device.parent}), among the artifacts of a golden image",
+                        "flash into a file elsewhere, or onto a card")
+
     if target.is_block_device and image_size is not None and target.size < image_size:
         raise UserError(f"{target.path} is {target.size / GIB:.2f} GiB; the image needs "
                         f"{image_size / GIB:.2f} GiB", "use a larger card")
@@ -330,6 +364,14 @@ def refuse_unsafe_target(target: Target, image_size: int | None, system: dict[in
                 else "check the file's permissions")
         raise UserError(f"{target.path} is read-only", hint)
 
+    if not target.is_block_device and mapped_bytes is not None:
+        space = os.statvfs(target.device.parent)
+        free = space.f_bavail * space.f_frsize + target.allocated
+        if free < mapped_bytes:
+            raise UserError(f"{target.device.parent} has {free / MIB:.0f} MiB free; the image "
+                            f"writes {mapped_bytes / MIB:.0f} MiB into {target.path.name}",
+                            "free some space, or flash into a file on another disk")
+
     if target.is_block_device and not target.removable and not force:
         raise UserError(f"{target.describe()} is not a removable disk",
                         "if it really is the card (some built-in readers call cards fixed), "
@@ -337,10 +379,11 @@ def refuse_unsafe_target(target: Target, image_size: int | None, system: dict[in
 
 
 def check_target(path: Path, image_size: int | None, force: bool = False,
-                 image_path: Path | None = None) -> Target:
+                 image_path: Path | None = None, mapped_bytes: int | None = None) -> Target:
     """Inspect the target and refuse it unless it is safe to overwrite."""
     target = inspect_target(path)
-    refuse_unsafe_target(target, image_size, system_devices(), force, image_path)
+    refuse_unsafe_target(target, image_size, system_devices(), force, image_path,
+                         mapped_bytes)
     if target.is_block_device:
         _refuse_busy_device(target)
     return target
@@ -579,20 +622,22 @@ def flash_node(site_name: str, node_name: str, target_path: Path, out_dir: Path,
             files = node_identity(site, node_name, role)
         with timed_step(log, f"check {target_path}", report):
             target = check_target(target_path, None, force)
-            bootpart.boot_partition(target.device)
+            check_card_holds_role(target, role, site.name)
         _confirm_or_stop(confirm, f"Replace the identity on {target.describe()} with "
                                   f"{node_name}'s?", target)
         with timed_step(log, "write the identity", report):
             write_identity(target, files, log)
+        log.info(f"[bold green]done[/]: {target.path} is {node_name}")
         return report
 
-    image = find_image(out_dir, role, image_path)
+    image = find_image(out_dir, role, site.name, image_path)
     report.image = image.path
     check_image_fits_node(image, site, node_name)
     with timed_step(log, f"identity of {node_name} (site {site.name})", report):
         files = node_identity(site, node_name, role)
     with timed_step(log, f"check {target_path}", report):
-        target = check_target(target_path, image.block_map.image_size, force, image.path)
+        target = check_target(target_path, image.block_map.image_size, force, image.path,
+                              image.block_map.mapped_bytes)
     _confirm_or_stop(confirm, f"Write {image.describe()} as {node_name} to "
                               f"{target.describe()}? Everything on it is lost.", target)
     write_verified(image, target, files, log, report)
@@ -654,9 +699,10 @@ def rebuild_node(site_name: str, node_name: str, target_path: Path, out_dir: Pat
         with timed_step(log, f"build {role}", report):
             build_image(role, site_name, out_dir, cache_dir, mirror=mirror)
 
-    image = find_image(out_dir, role)
+    image = find_image(out_dir, role, site.name)
     check_image_fits_node(image, site, node_name)
     with timed_step(log, f"check {target_path} again", report):
-        target = check_target(target_path, image.block_map.image_size, force, image.path)
+        target = check_target(target_path, image.block_map.image_size, force, image.path,
+                              image.block_map.mapped_bytes)
     write_verified(image, target, files, log, report)
     return report

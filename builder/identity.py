@@ -14,11 +14,12 @@ start. Secrets are read here, at flash time, and go nowhere but onto the card.
 | `redis-users.acl`, `redis-exporter.env` | see builder/redis_acl.py | backend nodes   |
 """
 
+import os
 import re
 from collections.abc import Callable
 
 from builder.errors import UserError
-from builder.redis_acl import render_exporter_credentials, render_redis_acl
+from builder.redis_acl import checked_password, render_exporter_credentials, render_redis_acl
 from builder.site import Node, Site
 
 IDENTITY_FOLDER = "okome"
@@ -55,6 +56,12 @@ def node_identity(site: Site, node_name: str, role: str | None = None) -> dict[s
         raise UserError(f"node name '{node_name}' is not a usable hostname",
                         "use 1 to 63 of a-z 0-9 and '-', not starting or ending with '-'")
 
+    unset = [source.env for source in sources_of(site, node.role)
+             if source.env and source.env not in os.environ]
+    if len(unset) > 1:
+        raise UserError(f"environment variables not set: {', '.join(unset)}",
+                        "export each of them before running (the site names them)")
+
     files = {
         "hostname": f"{node_name}\n".encode(),
         "authorized_keys": admin_authorized_keys(site).encode(),
@@ -66,6 +73,12 @@ def node_identity(site: Site, node_name: str, role: str | None = None) -> dict[s
     if role_files:
         files.update(role_files(site))
     return files
+
+
+def sources_of(site: Site, role: str) -> list:
+    """Every file or variable a node of `role` reads its identity from."""
+    names = ROLE_SECRETS[role](site) if role in ROLE_SECRETS else []
+    return [site.admin.authorized_keys] + [site.secrets[n] for n in names if n in site.secrets]
 
 
 def admin_authorized_keys(site: Site) -> str:
@@ -141,10 +154,16 @@ def read_secret(site: Site, name: str) -> str:
     return value.rstrip("\r\n") if source.file else value
 
 
+def read_password(site: Site, name: str) -> str:
+    """A redis password the site names, checked; a bad one is named with where it came from."""
+    return checked_password(read_secret(site, name),
+                            f"secret {name} (from {site.secrets[name].describe()})")
+
+
 def backend_files(site: Site) -> dict[str, bytes]:
     """redis's ACL (digests only) and the exporter's login, as builder/redis_acl.py makes them."""
-    gateway_password = read_secret(site, site.backend.gateway_password_secret)
-    metrics_password = read_secret(site, site.backend.metrics_password_secret)
+    gateway_password = read_password(site, site.backend.gateway_password_secret)
+    metrics_password = read_password(site, site.backend.metrics_password_secret)
     return {
         "redis-users.acl": render_redis_acl(gateway_password, metrics_password).encode(),
         "redis-exporter.env": render_exporter_credentials(metrics_password).encode(),
@@ -152,7 +171,11 @@ def backend_files(site: Site) -> dict[str, bytes]:
 
 
 # The files a role's nodes need beyond the common ones; names match the role's identity list
-# (overlays/ROLE/etc/okome/identity.d/ROLE.list).
+# (overlays/ROLE/etc/okome/identity.d/ROLE.list). And the secrets they are made from.
 ROLE_FILES: dict[str, Callable[[Site], dict[str, bytes]]] = {
     "backend": backend_files,
+}
+ROLE_SECRETS: dict[str, Callable[[Site], list[str]]] = {
+    "backend": lambda site: [site.backend.gateway_password_secret,
+                             site.backend.metrics_password_secret],
 }

@@ -35,7 +35,7 @@ METRICS_RULES = ("resetkeys resetchannels -@all +auth +hello +ping +info +config
                  " +client|setname +slowlog|get +slowlog|len +latency|latest")
 
 
-def _checked_password(password: str, what: str) -> str:
+def checked_password(password: str, what: str) -> str:
     if not PASSWORD_PATTERN.fullmatch(password):
         problem = "is empty" if not password else "has characters or a length not allowed"
         if password != password.strip():
@@ -53,8 +53,8 @@ def render_redis_acl(gateway_password: str, metrics_password: str) -> str:
 
     Passwords are stored as `#<sha256>`, so the card never holds the gateway's password.
     """
-    _checked_password(gateway_password, "redis gateway password")
-    _checked_password(metrics_password, "redis metrics password")
+    checked_password(gateway_password, "redis gateway password")
+    checked_password(metrics_password, "redis metrics password")
     if gateway_password == metrics_password:
         raise UserError("the redis gateway and metrics passwords are the same",
                         "give the metrics user its own password: it is stored in plain text")
@@ -69,5 +69,5 @@ def render_redis_acl(gateway_password: str, metrics_password: str) -> str:
 
 def render_exporter_credentials(metrics_password: str) -> str:
     """The content of /etc/okome/redis-exporter.env, read by the exporter's unit (mode 0600)."""
-    _checked_password(metrics_password, "redis metrics password")
+    checked_password(metrics_password, "redis metrics password")
     return f"REDIS_PASSWORD={metrics_password}\n"

@@ -16,6 +16,7 @@ import pytest
 
 from builder.assemble import assemble_image, plan_layout
 from builder.buildlog import BuildLog
+from builder.imagelabel import LABEL_FILE, image_label
 from builder.pipeline import artifact_paths
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="loop devices and mounts need root")
@@ -34,6 +35,7 @@ def make_role_image(out_dir: Path, role: str, site: str = "lab") -> Path:
     bootfs.mkdir()
     (bootfs / "config.txt").write_text("kernel=vmlinuz\ninitramfs initrd.img followkernel\n")
     (bootfs / "cmdline.txt").write_text("root=PARTUUID=4f4b4f4d-02 rootwait\n")
+    (bootfs / LABEL_FILE).write_text(image_label(role, site))
 
     final.image.parent.mkdir(parents=True, exist_ok=True)
     layout = plan_layout(rootfs, boot_mib=80, headroom_mib=0)

@@ -128,7 +128,7 @@ def largest_range_middle(image) -> int:
 
 
 def test_a_corrupted_block_in_a_file_is_caught_by_the_read_back(out_dir, tmp_path):
-    image = find_image(out_dir, "frontend")
+    image = find_image(out_dir, "frontend", "lab")
     target = check_target(card_file(tmp_path), image.block_map.image_size)
     write_image(image, target, quiet_log())
     verify_target(target, image.block_map, quiet_log())
@@ -147,7 +147,7 @@ def test_a_corrupted_block_in_a_file_is_caught_by_the_read_back(out_dir, tmp_pat
 def test_a_corrupted_block_on_a_device_is_caught_not_served_from_the_cache(out_dir, tmp_path):
     """The block is corrupted behind the device's back, in its backing file: only a read that
     bypasses what this machine cached of the device sees it."""
-    image = find_image(out_dir, "frontend")
+    image = find_image(out_dir, "frontend", "lab")
     backing = tmp_path / "card"
     with loop_device(backing, image.block_map.image_size) as device:
         target = check_target(device, image.block_map.image_size, force=True)
@@ -161,13 +161,13 @@ def test_a_corrupted_block_on_a_device_is_caught_not_served_from_the_cache(out_d
 def test_a_damaged_image_fails_the_write_and_says_what_the_card_holds(out_dir, tmp_path):
     """bmaptool checks the image against the block map while it writes; the failure names the
     state the target is left in."""
-    source = find_image(out_dir, "frontend")
+    source = find_image(out_dir, "frontend", "lab")
     damaged = tmp_path / "okome-frontend.img"
     subprocess.run(["cp", "--sparse=always", str(source.path), str(damaged)], check=True)
     (tmp_path / "okome-frontend.img.bmap").write_bytes(source.block_map_path.read_bytes())
     corrupt_one_block(damaged, largest_range_middle(source))
 
-    image = find_image(out_dir, "frontend", damaged)
+    image = find_image(out_dir, "frontend", "lab", damaged)
     target = check_target(card_file(tmp_path), image.block_map.image_size)
     with pytest.raises(UserError) as raised:
         write_image(image, target, quiet_log())
@@ -212,6 +212,50 @@ def test_identity_only_turns_a_flashed_card_into_another_node(out_dir, tmp_path)
                log=quiet_log())
     assert bootpart.read_boot_file(card, "okome/hostname") == b"frontend-b\n"
     assert root_partition_digest(card) == before
+
+
+def test_identity_only_refuses_a_card_of_another_role_or_site_or_none(out_dir, tmp_path):
+    card = card_file(tmp_path)
+    flash_node("lab", "frontend-a", card, out_dir, confirm=None, log=quiet_log())
+    before = hashlib.sha256(card.read_bytes()).hexdigest()
+    with pytest.raises(UserError, match="holds the frontend image of site lab; this node runs "
+                                        "the backend image of site lab"):
+        flash_node("lab", "backend", card, out_dir, confirm=None, identity_only=True,
+                   log=quiet_log())
+    assert hashlib.sha256(card.read_bytes()).hexdigest() == before
+
+    (tmp_path / "blank").mkdir()
+    blank = card_file(tmp_path / "blank")
+    blank.write_bytes(bytes(4 * MIB))
+    with pytest.raises(UserError, match="holds no okome-image card"):
+        flash_node("lab", "frontend-b", blank, out_dir, confirm=None, identity_only=True,
+                   log=quiet_log())
+
+
+@pytest.mark.parametrize("artifact", ["okome-frontend.img", "okome-frontend.img.bmap",
+                                      "manifest.json"])
+def test_the_builds_own_files_are_never_a_target(out_dir, artifact):
+    target = out_dir / "frontend" / artifact
+    before = target.read_bytes()
+    with pytest.raises(UserError, match="is the image itself|in a build's output folder"):
+        flash_node("lab", "frontend-a", target, out_dir, confirm=None, log=quiet_log())
+    assert target.read_bytes() == before
+
+
+@needs_root
+def test_a_file_target_without_room_for_the_image_is_refused_before_writing(out_dir,
+                                                                            tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        card = small / "card.img"
+        card.touch()
+        with pytest.raises(UserError, match="MiB free; the image writes"):
+            flash_node("lab", "frontend-a", card, out_dir, confirm=None, log=quiet_log())
+        assert card.stat().st_size == 0
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
 
 
 def test_rebuild_node_flashes_a_current_image_without_building(out_dir, tmp_path,
