@@ -4,10 +4,11 @@ Runs the command as an operator would (a new process, `--yes`) for a lab node in
 a few times, and prints the wall time of each run and its parts: the steps the command itself
 times, and what is left (interpreter start, imports, site loading). The role's image must be
 built and current, so the run measures the promise "a dead node is back in minutes" without a
-build; --allow-build lets a run build when the inputs changed. Run from the repository root:
+build; --allow-build lets a run build when the inputs changed; --boot then boots the last card
+as the node, to `running`, for the whole "dead node to running". Run from the repository root:
 
     .venv/bin/python bench/rebuild_node.py [--node frontend-b] [--runs 3] [--work DIR]
-                                           [--out out/lab]
+                                           [--out out/lab] [--allow-build] [--boot]
 """
 
 import argparse
@@ -20,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from builder.machine import Machine
 from builder.pipeline import artifact_paths, image_is_current
 from builder.site import load_site
 
@@ -62,6 +64,8 @@ def main() -> None:
                         help="where the lab images are built (in ROLE/)")
     parser.add_argument("--allow-build", action="store_true",
                         help="let a run build the image when its inputs changed")
+    parser.add_argument("--boot", action="store_true",
+                        help="then boot the last card under QEMU, as the node, to `running`")
     options = parser.parse_args()
 
     role = load_site(SITE).nodes[options.node].role
@@ -80,10 +84,12 @@ def main() -> None:
             target = work / f"card-{number}.img"
             target.touch()
             wall, steps = timed_run(options.node, target, options.out, env)
-            target.unlink()
+            if number < options.runs or not options.boot:
+                target.unlink()
             walls.append(wall)
             runs.append(steps)
             print(f"run {number}: {wall:.1f} s wall", flush=True)
+        boot = boot_card(options.node, target, work) if options.boot else None
 
     print(f"\nrebuild-node {options.node} (site {SITE}) to a file, {options.runs} runs, "
           f"image {image.name} ({image.stat().st_blocks * 512 / 2**20:.0f} MiB allocated)")
@@ -97,6 +103,25 @@ def main() -> None:
           f"{min(rest):7.2f} {max(rest):7.2f}")
     print(f"{'wall time':<52} {statistics.median(walls):9.2f} {min(walls):7.2f} "
           f"{max(walls):7.2f}")
+    if boot:
+        print(f"\nthe last card booted as {options.node} under QEMU (TCG, 2 vCPU): SSH after "
+              f"{boot['ssh']:.0f} s, `{boot['state']}` after {boot['running']:.0f} s; "
+              f"dead node to running: {statistics.median(walls) + boot['running']:.0f} s "
+              "(rebuild-node's median plus this boot)")
+
+
+def boot_card(node: str, card: Path, work: Path) -> dict:
+    """Boot a flashed card (a copy of it) with only the identity `flash` wrote, as the node
+    would start: seconds to SSH and to systemd's `running`."""
+    site = load_site(SITE)
+    (work / "boot").mkdir()
+    started = time.perf_counter()
+    with Machine(card, name=node, user=site.admin.user, network=str(site.network.prefix),
+                 keep_identity=True, ssh_key=work / "id_ed25519",
+                 guest_address=str(site.nodes[node].address), work_dir=work / "boot") as guest:
+        ssh = guest.wait_for_ssh()
+        state = guest.wait_for_running()
+        return {"ssh": ssh, "running": time.perf_counter() - started, "state": state}
 
 
 if __name__ == "__main__":

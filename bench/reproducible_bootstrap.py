@@ -5,8 +5,8 @@ every path that still differs.
 
     sudo .venv/bin/python -m bench.reproducible_bootstrap [--role frontend] [--json F]
 
-mmdebstrap runs as the build runs it: with the caller's environment (it honours an exported
-SOURCE_DATE_EPOCH; the build's own default epoch is applied by the clean step).
+mmdebstrap runs as the build runs it, with the mirror's Release date as SOURCE_DATE_EPOCH; the
+build's own epoch is applied by the clean step.
 
 The step tests (tests/boot/test_reproducible_build.py) start from one shared base; this is
 the other half of "the same inputs give the same image".
@@ -23,6 +23,7 @@ from pathlib import Path
 from builder.bootstrap import installed_packages, run_mmdebstrap
 from builder.buildlog import BuildLog
 from builder.cli import default_cache_dir
+from builder.mirror import mirror_release
 from builder.pipeline import clean_rootfs, default_source_date_epoch, load_inputs
 
 
@@ -56,6 +57,7 @@ def main() -> None:
     args = parser.parse_args()
 
     inputs = load_inputs(args.role, "lab", None)
+    release = mirror_release(inputs.mirror, inputs.spec.base.suite)
     epoch = default_source_date_epoch()
     debs = default_cache_dir() / "debs"
     results: dict = {"role": args.role, "source_date_epoch": epoch, "runs": []}
@@ -65,7 +67,8 @@ def main() -> None:
             rootfs = Path(tmp) / run
             log = BuildLog(Path(tmp) / f"{run}.log")
             started = time.monotonic()
-            run_mmdebstrap(log, inputs.spec.base, inputs.packages, inputs.mirror, rootfs, debs)
+            run_mmdebstrap(log, inputs.spec.base, inputs.packages, inputs.mirror, rootfs, debs,
+                           release.epoch)
             packages = installed_packages((rootfs / "var/lib/dpkg/status").read_text())
             clean_rootfs(log, rootfs, epoch)
             results["runs"].append({"seconds": round(time.monotonic() - started, 1),

@@ -54,6 +54,7 @@ def bootstrap_recipe(base: Base, packages: list[str], mirror: str) -> str:
         "apt": APT_OPTIONS,
         "hooks": {p.name: p.read_text() for p in sorted(HOOKS_DIR.iterdir())},
         "mmdebstrap": mmdebstrap_version(),
+        "source_date_epoch": "the mirror's Release date",  # see run_mmdebstrap
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
@@ -78,8 +79,12 @@ def newest_base(cache: BuildCache, recipe: str) -> str | None:
 
 
 def run_mmdebstrap(log: BuildLog, base: Base, packages: list[str], mirror: str, rootfs: Path,
-                   deb_cache: Path) -> None:
-    """Bootstrap into `rootfs`, reusing and refilling a host-side cache of downloaded .debs."""
+                   deb_cache: Path, epoch: int) -> None:
+    """Bootstrap into `rootfs`, reusing and refilling a host-side cache of downloaded .debs.
+
+    `epoch` is the mirror's Release date, given as SOURCE_DATE_EPOCH: what packages stamp
+    with the date (the accounts' password-change day in /etc/shadow, file times) then depends
+    on the mirror's state, which the base's key covers, and not on the day of the build."""
     deb_cache.mkdir(parents=True, exist_ok=True)
     argv = [
         "mmdebstrap", "--mode=root", "--variant=apt",
@@ -96,7 +101,7 @@ def run_mmdebstrap(log: BuildLog, base: Base, packages: list[str], mirror: str, 
         f"--customize-hook=sync-out /var/cache/apt/archives {deb_cache}",
         base.suite, str(rootfs), mirror,
     ]
-    log.run(namespaced(argv), "mmdebstrap")
+    log.run(namespaced(argv), "mmdebstrap", env={**os.environ, "SOURCE_DATE_EPOCH": str(epoch)})
 
 
 def unpack_tarball(log: BuildLog, tarball: Path, rootfs: Path, what: str) -> None:
@@ -134,10 +139,10 @@ def resolved_packages(cache: BuildCache, key: str) -> list[str]:
 
 
 def build_base(log: BuildLog, base: Base, packages: list[str], mirror: str, rootfs: Path,
-               cache: BuildCache, recipe: str, key: str) -> list[str]:
+               cache: BuildCache, recipe: str, key: str, epoch: int) -> list[str]:
     """mmdebstrap into `rootfs`, then cache it; returns the installed package versions."""
     log.info(f"mmdebstrap {base.suite} {base.architecture}: {len(set(packages))} packages")
-    run_mmdebstrap(log, base, packages, mirror, rootfs, cache.root / "debs")
+    run_mmdebstrap(log, base, packages, mirror, rootfs, cache.root / "debs", epoch)
     installed = installed_packages((rootfs / "var/lib/dpkg/status").read_text())
     cache.bootstrap_dir.mkdir(parents=True, exist_ok=True)
     # The meta file first: a tarball without one is still usable, the reverse is not.

@@ -31,6 +31,9 @@ class Command(click.Group):
 
     def invoke(self, ctx):
         signal.signal(signal.SIGTERM, _terminate)
+        # Also when started with SIGINT ignored (a background job of a script): Ctrl-C, or a
+        # SIGINT sent on purpose, must stop and clean up.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             return super().invoke(ctx)
         except UserError as err:

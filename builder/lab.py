@@ -188,7 +188,10 @@ class Lab:
         """The namespace, its bridge, and the gateway address on the bridge."""
         prefix = self.site.network.prefix.prefixlen
         _ip("netns", "add", self.netns)
-        _ip("-n", self.netns, "link", "add", BRIDGE, "type", "bridge")
+        # A bridge takes the lowest MAC of its ports unless given one: then a guest restarted
+        # on a new tap could change the gateway address's MAC under the frontends' ARP caches.
+        _ip("-n", self.netns, "link", "add", BRIDGE, "address",
+            lab_mac(IPv4Address(self.client_address)), "type", "bridge")
         _ip("-n", self.netns, "addr", "add", f"{self.client_address}/{prefix}", "dev", BRIDGE)
         _ip("-n", self.netns, "link", "set", BRIDGE, "up")
         _ip("-n", self.netns, "link", "set", "lo", "up")

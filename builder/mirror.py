@@ -1,9 +1,11 @@
 """The Debian mirror to bootstrap from: the one the build host's apt already uses."""
 
+import email.utils
 import hashlib
 import re
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 from builder.errors import UserError
@@ -52,14 +54,25 @@ def host_mirror(suite: str, sources_dir: Path = APT_SOURCES) -> str:
                     "pass --mirror URL")
 
 
-def mirror_release(mirror: str, suite: str, timeout: float = 20) -> str:
-    """SHA-256 of the mirror's signed Release file for `suite`: it lists the hash of every
-    package index of the suite, so it changes whenever any package there does. Fetched like
-    mmdebstrap's apt fetches (proxies from the environment); raises OSError when the mirror
-    does not answer."""
+@dataclass(frozen=True)
+class Release:
+    """The state of a mirror's suite, from its signed Release file."""
+
+    digest: str  # SHA-256 of the file: it lists the hash of every package index of the suite
+    epoch: int  # its Date: when the suite last changed
+
+
+def mirror_release(mirror: str, suite: str, timeout: float = 20) -> Release:
+    """The suite's Release file on the mirror, fetched like mmdebstrap's apt fetches (proxies
+    from the environment); raises OSError when the mirror does not answer."""
     url = f"{mirror.rstrip('/')}/dists/{suite}/InRelease"
     with urllib.request.urlopen(url, timeout=timeout) as answer:
-        return hashlib.sha256(answer.read()).hexdigest()
+        text = answer.read()
+    date = re.search(rb"^Date: (.+)$", text, re.M)
+    if not date:
+        raise OSError(f"{url} has no Date: field")
+    epoch = int(email.utils.parsedate_to_datetime(date.group(1).decode()).timestamp())
+    return Release(hashlib.sha256(text).hexdigest(), epoch)
 
 
 def checked_mirror(url: str) -> str:

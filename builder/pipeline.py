@@ -530,8 +530,10 @@ def bootstrap_base(log: BuildLog, inputs: BuildInputs, cache: BuildCache,
     """
     suite = inputs.spec.base.suite
     recipe = bootstrap.bootstrap_recipe(inputs.spec.base, inputs.packages, inputs.mirror)
+    release = None
     try:
-        key = bootstrap.bootstrap_key(recipe, mirror_release(inputs.mirror, suite))
+        release = mirror_release(inputs.mirror, suite)
+        key = bootstrap.bootstrap_key(recipe, release.digest)
     except OSError as err:
         key = bootstrap.newest_base(cache, recipe)
         if key is None:
@@ -547,7 +549,7 @@ def bootstrap_base(log: BuildLog, inputs: BuildInputs, cache: BuildCache,
         log.info(f"cached base {key[:12]}: {len(installed)} packages")
         return key, installed, True
     installed = bootstrap.build_base(log, inputs.spec.base, inputs.packages, inputs.mirror,
-                                     rootfs, cache, recipe, key)
+                                     rootfs, cache, recipe, key, release.epoch)
     return key, installed, False
 
 

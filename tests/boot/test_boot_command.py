@@ -35,7 +35,7 @@ def test_boot_prints_an_ssh_command_that_works_and_ctrl_c_cleans_up(built_image)
         work_dir = Path(re.search(r"serial console log: (\S+)/console\.log",
                                   "".join(said)).group(1))
 
-        login = subprocess.run([*ssh_argv, "-o", "BatchMode=yes", "hostname"],
+        login = subprocess.run([*ssh_argv[:-1], "-o", "BatchMode=yes", ssh_argv[-1], "hostname"],
                                capture_output=True, text=True, timeout=120)
         assert login.returncode == 0, login.stderr
         assert login.stdout.strip() == "engineer-test"
