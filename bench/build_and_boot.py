@@ -25,12 +25,17 @@ from rich.table import Table
 from builder.cli import default_cache_dir
 from builder.machine import Machine
 from builder.paths import PROJECT_DIR
-from builder.pipeline import artifact_paths
+from builder.pipeline import artifact_paths, default_source_date_epoch
 from builder.site import load_site
+
+CHECKOUT_EPOCH = default_source_date_epoch()
 
 
 def timed_build(role: str, site: str, out: Path, cache: Path, project: Path) -> dict:
-    env = {**os.environ, "OKOME_IMAGE_CACHE": str(cache), "OKOME_IMAGE_PROJECT": str(project)}
+    # The checkout's epoch for every build: the changed copy is not in git, and would otherwise
+    # take its newest file's time, which would rebuild the stages too.
+    env = {**os.environ, "OKOME_IMAGE_CACHE": str(cache), "OKOME_IMAGE_PROJECT": str(project),
+           "SOURCE_DATE_EPOCH": str(CHECKOUT_EPOCH)}
     started = time.monotonic()
     subprocess.run([sys.executable, "-m", "builder", "build", "--role", role, "--site", site,
                     "--out", str(out)], env=env, check=True)
